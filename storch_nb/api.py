@@ -1,0 +1,489 @@
+"""The Python API: :class:`Story`."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from .engine import surrogate as _surrogate
+from .engine.execute import execute
+from .engine.plan import Plan, Planner
+from .engine.result import Comparison, Result
+from .errors import EstimatorError, StoryError
+from .estimators import make_estimator
+from .graph import Graph
+from .story.parse import parse
+from .story.statements import Assign, Cost, Loop, Param, Site
+
+__all__ = ["Story"]
+
+_MISSING = object()
+_DTYPES = {"float32": torch.float32, "float64": torch.float64, "float": torch.float32, "double": torch.float64,
+           "float16": torch.float16, "bfloat16": torch.bfloat16, "half": torch.float16}  # fmt: skip
+
+
+def _dtype(dtype: Any) -> torch.dtype:
+    if dtype is None:
+        return torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if isinstance(dtype, str) and dtype.removeprefix("torch.") in _DTYPES:
+        return _DTYPES[dtype.removeprefix("torch.")]
+    raise StoryError(f"unknown dtype {dtype!r}", hint="use float32 or float64")
+
+
+def _device(device: Any) -> torch.device:
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise StoryError(f"unknown device {device!r}", hint="use 'cpu', 'cuda' or 'auto'") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise StoryError("device 'cuda' was asked for but no CUDA GPU is available", hint="use device='cpu' or 'auto'")
+    return dev
+
+
+def _positive_int(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise StoryError(f"{name} must be a positive int, not {value!r}")
+    return value
+
+
+def _free_names(statements) -> set[str]:
+    out: set[str] = set()
+    for st in statements:
+        if isinstance(st, (Assign, Param, Cost)):
+            out.update(st.expr.names)
+        elif isinstance(st, Site):
+            out.update(st.dist.names)
+            for a in st.args:
+                out.update(a.names)
+            for _, a in st.kwargs:
+                out.update(a.names)
+        elif isinstance(st, Loop):
+            for a in st.range_args:
+                out.update(a.names)
+            out |= _free_names(st.body)
+    return out
+
+
+class _Seeded:
+    """Seed torch's generator for one run and put its state back afterwards."""
+
+    __slots__ = ("seed", "device", "cpu", "cuda")
+
+    def __init__(self, seed: int | None, device: torch.device) -> None:
+        self.seed = seed
+        self.device = device
+
+    def __enter__(self):
+        if self.seed is not None:
+            self.cpu = torch.get_rng_state()
+            torch.default_generator.manual_seed(self.seed)
+            if self.device.type == "cuda":
+                idx = self.device.index if self.device.index is not None else torch.cuda.current_device()
+                self.cuda = (idx, torch.cuda.get_rng_state(idx))
+                torch.cuda.default_generators[idx].manual_seed(self.seed)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.seed is not None:
+            torch.set_rng_state(self.cpu)
+            if self.device.type == "cuda":
+                torch.cuda.set_rng_state(self.cuda[1], self.cuda[0])
+
+
+class Story:
+    """A generative story: parsed once, then run with any estimator.
+
+    >>> story = Story('''
+    ... c = param(0.5)
+    ... e ~ Normal(c, 1)
+    ... cost e**2
+    ... ''')
+    >>> res = story.run(samples=1000, seed=0)
+    """
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+        self.program = parse(text)
+        self._free = tuple(sorted(_free_names(self.program.statements)))
+        self._plans: dict[tuple, Plan] = {}
+        self._state: dict = {}
+        self._params: dict[str, torch.Tensor] = {}
+        self._last_plan: Plan | None = None
+
+    def __repr__(self) -> str:
+        return f"Story({len(self.program.lines)} lines)"
+
+    # ------------------------------------------------------------ state
+    def reset(self) -> None:
+        """Back to the just-parsed state: estimator state (moving averages) and
+        the story's own parameters (re-initialised from their ``param(...)``)."""
+        self._state.clear()
+        self._params.clear()
+
+    @property
+    def params(self) -> dict[str, torch.Tensor]:
+        """The story's own ``param(...)`` leaves, once a run has created them."""
+        return dict(self._params)
+
+    def parameters(self) -> list[torch.Tensor]:
+        """The story's own parameter tensors (for an optimizer)."""
+        return list(self._params.values())
+
+    @property
+    def graph(self) -> Graph:
+        """The graph of the last run (loops unrolled); before any run, the graph
+        with every outside name treated as an input."""
+        if self._last_plan is not None:
+            return self._last_plan.graph
+        return self._plan({}, "auto", {}, False, False, torch.device("cpu"), torch.float32, tolerant=True).graph
+
+    # ------------------------------------------------------------- plans
+    def _plan(self, ns, default, per_site, run_dim, batched, device, dtype, tolerant=False) -> Plan:
+        key = (
+            id(ns),
+            tuple(id(ns.get(n, _MISSING)) for n in self._free),
+            default,
+            tuple(sorted(per_site.items())),
+            run_dim,
+            batched,
+            device,
+            dtype,
+            tolerant,
+        )
+        plan = self._plans.get(key)
+        if plan is None:
+            if tolerant:
+                ns = {n: torch.zeros(()) for n in self._free if n not in ns and not _is_known(n)}
+            plan = Planner(self.program, ns, per_site, default, run_dim, batched).build()
+            if len(self._plans) > 32:
+                self._plans.clear()
+            self._plans[key] = plan
+        if not tolerant:
+            self._last_plan = plan
+        return plan
+
+    def _leaves(self, plan: Plan, ns, device, dtype) -> dict[str, torch.Tensor]:
+        """The parameter tensors a run differentiates: name -> tensor as used."""
+        out = {}
+        for var, ref in plan.params.items():
+            if ref.source == "story":
+                leaf = self._params.get(var)
+                if leaf is None or leaf.device != device or leaf.dtype != dtype:
+                    if leaf is not None:
+                        value = leaf.detach()
+                    else:
+                        env = dict(plan.ops[0].fn.globals) if False else None  # noqa: F841
+                        value = _eval_param(ref, ns)
+                    leaf = value.to(device=device, dtype=dtype).detach().requires_grad_(True)
+                    self._params[var] = leaf
+                out[var] = leaf
+            else:
+                t = ref.value
+                if t.device != device:
+                    t = t.to(device)
+                out[var] = t
+        return out
+
+    @staticmethod
+    def _estimator_spec(estimator: Any) -> tuple[str, dict[str, str]]:
+        if estimator is None:
+            return "auto", {}
+        if isinstance(estimator, str):
+            make_estimator(estimator)  # validate now, with a clear error
+            return estimator, {}
+        if isinstance(estimator, Mapping):
+            per = {}
+            for k, v in estimator.items():
+                if not isinstance(v, str):
+                    raise EstimatorError(f"the estimator for site {k!r} must be text, not {type(v).__name__}")
+                make_estimator(v)
+                per[str(k)] = v
+            return per.pop("*", "auto") if "*" in per else "auto", per
+        raise EstimatorError(
+            f"estimator must be text or a mapping from site name to text, not {type(estimator).__name__}",
+            hint="e.g. estimator='score(baseline=\"rloo\")' or estimator={'e': 'pathwise'}",
+        )
+
+    # --------------------------------------------------------------- core
+    def _pass(
+        self,
+        plan: Plan,
+        leaves: dict[str, torch.Tensor],
+        samples: int,
+        runs: int,
+        device,
+        dtype,
+        max_outcomes: int = 10**6,
+    ):
+        """One vectorized pass: returns (surrogate per run, leaves as used)."""
+        used = leaves
+        if plan.batched_params:
+            n = runs if plan.run_dim else samples
+            used = {k: v.detach().unsqueeze(0).expand((n,) + v.shape).clone().requires_grad_(True) for k, v in leaves.items()}
+        env = dict(used)
+        sizes = [runs, samples] if plan.run_dim else [samples]
+        ex = execute(plan, env, sizes, dtype, device, validate=not plan.validated, max_outcomes=max_outcomes)
+        total = _surrogate.build(ex, self._state, 1 if plan.run_dim else 0)
+        plan.validated = True
+        return total, used, ex
+
+    def run(
+        self,
+        samples: int = 1000,
+        estimator: str | Mapping[str, str] | None = "auto",
+        seed: int | None = None,
+        device: str | torch.device | None = "cpu",
+        runs: int = 1,
+        namespace: Mapping[str, Any] | None = None,
+        dtype: torch.dtype | str | None = None,
+        stderr: bool = False,
+        max_outcomes: int = 10**6,
+    ) -> Result:
+        """Estimate the gradient of the expected cost.
+
+        ``runs=R`` repeats the whole estimate R times independently, in one
+        vectorized pass, and ``grads`` then has a leading dimension R.
+        ``stderr=True`` also gives the standard error of each gradient
+        estimate. ``seed`` makes the run reproducible and leaves torch's
+        global generator as it was.
+        """
+        t0 = time.perf_counter()
+        samples = _positive_int("samples", samples)
+        runs = _positive_int("runs", runs)
+        dev = _device(device)
+        dt = _dtype(dtype)
+        ns = namespace if namespace is not None else {}
+        default, per_site = self._estimator_spec(estimator)
+        run_dim = runs > 1
+        with _Seeded(seed, dev):
+            probe = self._plan(ns, default, per_site, run_dim, run_dim or stderr, dev, dt)
+            if probe.modules and (run_dim or stderr):
+                return self._run_modules(ns, default, per_site, samples, runs, dev, dt, t0, max_outcomes)
+            leaves = self._leaves(probe, ns, dev, dt)
+            total, used, ex = self._pass(probe, leaves, samples, runs, dev, dt, max_outcomes)
+            names = list(used)
+            inputs = list(used.values())
+            mod_params = _module_params(probe)
+            inputs += [p for _, p in mod_params]
+            if inputs and total.requires_grad:
+                gs = torch.autograd.grad(total.sum(), inputs, allow_unused=True)
+            else:
+                gs = [None] * len(inputs)
+        grads = {}
+        for name, g, x in zip(names + [n for n, _ in mod_params], gs, inputs):
+            grads[name] = torch.zeros_like(x) if g is None else g
+        err = None
+        if stderr and not run_dim:
+            err = {k: math.sqrt(samples) * g.std(0, unbiased=True) if samples > 1 else torch.full_like(g[0], float("nan")) for k, g in grads.items()}
+            grads = {k: g.sum(0) for k, g in grads.items()}
+        elif run_dim:
+            err = {k: g.std(0, unbiased=True) / math.sqrt(runs) for k, g in grads.items()}
+        costs = total.detach()
+        cost = costs.mean().item()
+        cost_se = costs.std().item() / math.sqrt(runs) if run_dim else None
+        return Result(
+            grads=grads,
+            cost=cost,
+            params={**leaves, **dict(mod_params)},
+            estimators={k: v[1].text() for k, v in ex.sites.items()},
+            samples=samples,
+            runs=runs,
+            device=str(dev),
+            seconds=time.perf_counter() - t0,
+            dtype=dt,
+            stderr=err,
+            cost_stderr=cost_se,
+            costs=costs,
+        )
+
+    def _run_modules(self, ns, default, per_site, samples, runs, dev, dt, t0, max_outcomes) -> Result:
+        """Stories that call ``nn.Module``s: one pass per run (module weights are not batched)."""
+        plan = self._plan(ns, default, per_site, False, False, dev, dt)
+        leaves = self._leaves(plan, ns, dev, dt)
+        mod_params = _module_params(plan)
+        names = list(leaves) + [n for n, _ in mod_params]
+        inputs = list(leaves.values()) + [p for _, p in mod_params]
+        per_run: list[list[torch.Tensor]] = []
+        costs = []
+        ex = None
+        for _ in range(runs):
+            total, _, ex = self._pass(plan, leaves, samples, 1, dev, dt, max_outcomes)
+            gs = torch.autograd.grad(total, inputs, allow_unused=True) if total.requires_grad else [None] * len(inputs)
+            per_run.append([torch.zeros_like(x) if g is None else g for g, x in zip(gs, inputs)])
+            costs.append(total.detach())
+        grads = {n: torch.stack([r[i] for r in per_run]) for i, n in enumerate(names)}
+        if runs == 1:
+            grads = {k: v[0] for k, v in grads.items()}
+            err = None
+        else:
+            err = {k: g.std(0) / math.sqrt(runs) for k, g in grads.items()}
+        c = torch.stack(costs)
+        return Result(
+            grads=grads,
+            cost=c.mean().item(),
+            params={**leaves, **dict(mod_params)},
+            estimators={k: v[1].text() for k, v in ex.sites.items()},
+            samples=samples,
+            runs=runs,
+            device=str(dev),
+            seconds=time.perf_counter() - t0,
+            dtype=dt,
+            stderr=err,
+            cost_stderr=c.std().item() / math.sqrt(runs) if runs > 1 else None,
+            costs=c,
+        )
+
+    def surrogate(
+        self,
+        samples: int = 1000,
+        estimator: str | Mapping[str, str] | None = "auto",
+        seed: int | None = None,
+        namespace: Mapping[str, Any] | None = None,
+        device: str | torch.device | None = "cpu",
+        dtype: torch.dtype | str | None = None,
+    ) -> torch.Tensor:
+        """A scalar tensor whose value is the cost estimate and whose gradient
+        (``loss.backward()``, or ``torch.autograd.grad`` with ``create_graph=True``
+        for higher orders) is the estimator's gradient."""
+        samples = _positive_int("samples", samples)
+        dev, dt = _device(device), _dtype(dtype)
+        ns = namespace if namespace is not None else {}
+        default, per_site = self._estimator_spec(estimator)
+        with _Seeded(seed, dev):
+            plan = self._plan(ns, default, per_site, False, False, dev, dt)
+            leaves = self._leaves(plan, ns, dev, dt)
+            total, _, _ = self._pass(plan, leaves, samples, 1, dev, dt)
+        return total
+
+    def exact(self, namespace: Mapping[str, Any] | None = None, max_outcomes: int = 10**6,
+              device: str | torch.device | None = "cpu", dtype: torch.dtype | str | None = None) -> Result:
+        """Exact cost and gradients, by summing over the joint finite support of every site."""
+        t0 = time.perf_counter()
+        dev, dt = _device(device), _dtype(dtype)
+        ns = namespace if namespace is not None else {}
+        try:
+            plan = self._plan(ns, "enumerate", {}, False, False, dev, dt)
+            leaves = self._leaves(plan, ns, dev, dt)
+            total, used, ex = self._pass(plan, leaves, 1, 1, dev, dt, max_outcomes)
+        except EstimatorError as exc:
+            raise StoryError(
+                "exact() needs every site to have a finite support: " + exc.message.split(": ", 1)[-1],
+                lineno=exc.lineno,
+                line=exc.line,
+                hint="exact() works for discrete stories (Bernoulli, Categorical, ...); use run() for continuous ones",
+            ) from None
+        mod_params = _module_params(plan)
+        names = list(used) + [n for n, _ in mod_params]
+        inputs = list(used.values()) + [p for _, p in mod_params]
+        gs = torch.autograd.grad(total, inputs, allow_unused=True) if inputs and total.requires_grad else [None] * len(inputs)
+        grads = {n: torch.zeros_like(x) if g is None else g for n, g, x in zip(names, gs, inputs)}
+        return Result(
+            grads=grads,
+            cost=total.item(),
+            params={**leaves, **dict(mod_params)},
+            estimators={k: "enumerate" for k in ex.sites},
+            samples=1,
+            runs=1,
+            device=str(dev),
+            seconds=time.perf_counter() - t0,
+            dtype=dt,
+            stderr={k: torch.zeros_like(v) for k, v in grads.items()},
+            exact=True,
+        )
+
+    def compare(
+        self,
+        estimators: Sequence[str],
+        samples: int = 100,
+        runs: int = 500,
+        seed: int | None = 0,
+        namespace: Mapping[str, Any] | None = None,
+        device: str | torch.device | None = "cpu",
+        dtype: torch.dtype | str | None = None,
+    ) -> Comparison:
+        """Run each estimator ``runs`` times and tabulate mean, std, variance,
+        bias (against ``exact()`` where the story is enumerable) and time."""
+        if isinstance(estimators, str):
+            estimators = [e.strip() for e in estimators.split(",") if e.strip()]
+        if not estimators:
+            raise EstimatorError("compare needs at least one estimator")
+        try:
+            reference = self.exact(namespace=namespace, device=device, dtype=dtype)
+        except StoryError:
+            reference = None
+        results: dict[str, Result] = {}
+        table: list[dict] = []
+        for est in estimators:
+            self.reset_state()
+            res = self.run(samples=samples, estimator=est, seed=seed, device=device, runs=runs, namespace=namespace, dtype=dtype)
+            results[est] = res
+            for name, g in res.grads.items():
+                g = g.detach().reshape(runs, -1).double().cpu()
+                ref = reference.grads[name].detach().reshape(-1).double().cpu() if reference is not None else None
+                for i in range(g.shape[1]):
+                    col = g[:, i]
+                    label = name if g.shape[1] == 1 else f"{name}[{i}]"
+                    var = col.var(unbiased=True).item() if runs > 1 else float("nan")
+                    table.append(
+                        {
+                            "estimator": est,
+                            "param": label,
+                            "mean": col.mean().item(),
+                            "std": math.sqrt(var) if var == var else float("nan"),
+                            "variance": var,
+                            "bias": (col.mean() - ref[i]).item() if ref is not None else None,
+                            "seconds": res.seconds,
+                        }
+                    )
+        self.reset_state()
+        return Comparison(table=table, results=results, reference=reference, samples=samples, runs=runs)
+
+    def reset_state(self) -> None:
+        """Clear estimator state only (moving averages), keeping parameters."""
+        self._state.clear()
+
+
+def _is_known(name: str) -> bool:
+    from .engine.helpers import BUILTINS, HELPERS
+
+    return name in HELPERS or name in BUILTINS
+
+
+def _eval_param(ref, ns) -> torch.Tensor:
+    from .engine.helpers import BUILTINS, HELPERS
+
+    g = dict(HELPERS)
+    g["__builtins__"] = BUILTINS
+    g.update({n: ns[n] for n in ref.expr.names if n in ns})
+    try:
+        value = eval(ref.expr.code, g)
+    except Exception as exc:
+        raise StoryError(f"cannot compute the initial value: {type(exc).__name__}: {exc}", lineno=ref.lineno) from None
+    if isinstance(value, bool) or not isinstance(value, (int, float, torch.Tensor)):
+        raise StoryError(
+            f"param() needs a number or a float tensor, not {type(value).__name__}",
+            lineno=ref.lineno,
+            hint="write e.g. `x = param(1.0)` or `x = param(torch.zeros(3))`",
+        )
+    t = torch.as_tensor(value)
+    if not (t.is_floating_point() or t.dtype in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)):
+        raise StoryError(f"param() needs a real number, not {t.dtype}", lineno=ref.lineno)
+    return t.detach().clone()
+
+
+def _module_params(plan: Plan) -> list[tuple[str, nn.Parameter]]:
+    out = []
+    for mname, mod in plan.modules.items():
+        for pname, p in mod.named_parameters():
+            if p.requires_grad:
+                out.append((f"{mname}.{pname}", p))
+    return out

@@ -1,0 +1,1 @@
+"""The engine: compiled plan, vectorized pass, DiCE surrogate, result."""

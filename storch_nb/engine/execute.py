@@ -1,0 +1,124 @@
+"""One vectorized pass of a plan: every sample of every run at once."""
+
+from __future__ import annotations
+
+import torch
+from torch.distributions import Distribution
+
+from ..errors import EstimatorError, StoryError, StoryNameError
+from ..estimators import Estimator, auto_estimator
+from .plan import Plan, SiteOp
+
+
+class Execution:
+    """The state of one pass: the values, the batch sizes and what each site and cost left."""
+
+    __slots__ = ("env", "sizes", "kinds", "sites", "costs", "validate", "dtype", "device", "plan", "max_outcomes", "_auto")
+
+    def __init__(self, plan: Plan, env: dict, sizes: list[int], dtype, device, validate: bool, max_outcomes: int = 10**6):
+        self.plan = plan
+        self.env = env
+        self.sizes = sizes  # full size of each batch dim: [runs?], samples, plates...
+        self.kinds = ["mean"] * len(sizes)  # how each batch dim is reduced ("sum" for enumeration)
+        self.sites: dict[str, tuple] = {}
+        self.costs: list = []
+        self.validate = validate
+        self.dtype = dtype
+        self.device = device
+        self.max_outcomes = max_outcomes
+        self._auto: dict = {}
+
+    def auto(self, op: SiteOp, dist: Distribution) -> Estimator:
+        particles = self.sizes[op.sample_dim]
+        key = (op.node, type(dist), particles >= 2)
+        est = self._auto.get(key)
+        if est is None:
+            est = self._auto[key] = auto_estimator(dist, particles)
+        return est
+
+    def new_plate(self, op: SiteOp, size: int, kind: str) -> None:
+        while len(self.sizes) <= op.plate:
+            self.sizes.append(1)
+            self.kinds.append("mean")
+        self.sizes[op.plate] = size
+        self.kinds[op.plate] = kind
+        total = 1
+        for s in self.sizes:
+            total *= s
+        if kind == "sum" and total > self.max_outcomes:
+            raise StoryError(
+                f"enumerating site `{op.node}` makes {total:,} joint outcomes, over the budget of {self.max_outcomes:,}",
+                hint="raise max_outcomes, or use a sampling estimator for some sites",
+            )
+
+    def enumerate_site(self, op: SiteOp, dist: Distribution, est: Estimator):
+        """All outcomes of the site's own entries, jointly, along its plate."""
+        nb_total = len(dist.batch_shape)
+        own_rank = nb_total - (op.rank if op.arg_rank else 0)
+        own_batch = tuple(dist.batch_shape[nb_total - own_rank :]) if own_rank > 0 else ()
+        support = dist.enumerate_support(expand=False)
+        k = support.shape[0]
+        event = tuple(support.shape[1 + nb_total :])
+        flat = support.reshape((k,) + event)
+        n_entries = 1
+        for s in own_batch:
+            n_entries *= s
+        outcomes = k**n_entries
+        budget = min(self.max_outcomes, est.opts.get("max_outcomes", self.max_outcomes))
+        if outcomes > budget:
+            raise StoryError(
+                f"site `{op.node}` has {outcomes:,} joint outcomes, over the budget of {budget:,}",
+                hint="use a sampling estimator for this site, or raise max_outcomes",
+            )
+        self.new_plate(op, outcomes, "sum")
+        if n_entries == 1:
+            values = flat.reshape((outcomes,) + own_batch + event)
+        else:
+            idx = torch.cartesian_prod(*[torch.arange(k, device=flat.device)] * n_entries).reshape(outcomes, n_entries)
+            values = flat[idx].reshape((outcomes,) + own_batch + event)
+        value = values.reshape((1,) * op.plate + values.shape)
+        lp = dist.log_prob(value)
+        # joint log-probability of the outcome: sum over the site's own entries
+        if own_rank:
+            lp = lp.sum(tuple(range(lp.dim() - own_rank, lp.dim())))
+        return value, lp
+
+
+def execute(plan: Plan, env: dict, sizes: list[int], dtype, device, validate: bool, max_outcomes: int = 10**6) -> Execution:
+    """Run every op of the plan; convert errors to StoryErrors that name the line."""
+    ex = Execution(plan, env, sizes, dtype, device, validate, max_outcomes)
+    for op in plan.ops:
+        try:
+            op.run(ex)
+        except StoryError as exc:
+            raise exc.located(op.lineno, op.line) from None
+        except NameError as exc:
+            name = getattr(exc, "name", None) or str(exc)
+            raise StoryNameError(
+                f"name `{name}` is not defined",
+                lineno=op.lineno,
+                line=op.line,
+                hint="define it earlier in the story or in the notebook",
+            ) from None
+        except Exception as exc:
+            raise step_error(op, exc) from exc
+    return ex
+
+
+def step_error(op, exc: Exception) -> StoryError:
+    msg = str(exc).strip().split("\n")[0] or type(exc).__name__
+    text = f"{type(exc).__name__}: {msg}"
+    hint = None
+    low = msg.lower()
+    if "vmap" in low or "batching rule" in low or "data-dependent" in low:
+        hint = (
+            "this step could not be vectorized over samples; write it with tensor operations "
+            "(no Python `if` on values, no .item()), or move the data-dependent part into a distribution"
+        )
+    elif "size of tensor" in low or "shape" in low or "broadcast" in low or "dimension" in low:
+        hint = "shapes do not match for one draw: check the shapes of the values this line combines"
+    elif isinstance(exc, EstimatorError):  # pragma: no cover - EstimatorError is a StoryError
+        hint = exc.hint
+    else:
+        hint = "fix the expression on this line"
+    return StoryError(f"this step failed: {text}", lineno=op.lineno, line=op.line, hint=hint)

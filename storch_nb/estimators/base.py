@@ -1,0 +1,214 @@
+"""The estimator interface and the registry.
+
+An estimator decides, for one stochastic site, how the site's value is drawn and
+how the site contributes to the DiCE surrogate (Foerster et al., 2018, "DiCE:
+The Infinitely Differentiable Monte Carlo Estimator"):
+
+* ``reparameterized`` estimators draw a value that carries the pathwise
+  derivative (``rsample``); the site adds no term of its own.
+* ``scored`` estimators draw a detached value; the engine multiplies every cost
+  downstream of the site by the magic box ``exp(l - stop_grad(l))`` of its
+  log-probability ``l``, and, where the estimator gives a baseline ``b``, adds
+  ``(1 - box(l)) * box(ancestors) * b`` (Mao et al., 2019, "A Baseline for Any
+  Order Gradient Estimation in Stochastic Computation Graphs"), which keeps
+  every order of derivative unbiased.
+* ``enumerates`` estimators replace the draw by the whole finite support and
+  weight downstream costs by the (differentiable) probabilities.
+
+Option ``n=K`` on any estimator draws K values per incoming particle: a
+nested plate. Baselines that compare samples use that plate when present and
+the story's sample dimension otherwise.
+"""
+
+from __future__ import annotations
+
+import ast
+from collections.abc import Callable
+from typing import Any, ClassVar
+
+import torch
+from torch.distributions import Distribution
+
+from ..errors import EstimatorError
+
+__all__ = [
+    "Estimator",
+    "register_estimator",
+    "estimators",
+    "make_estimator",
+    "parse_spec",
+]
+
+_REGISTRY: dict[str, type[Estimator]] = {}
+_ALIASES: dict[str, str] = {}
+
+
+class Estimator:
+    """Base class of every estimator. Subclass it and decorate with
+    :func:`register_estimator` to add one.
+
+    Class attributes a subclass sets: ``reparameterized``, ``scored``,
+    ``enumerates`` (see the module docstring) and ``options`` (the keyword
+    options it accepts, with defaults). Methods it may override:
+    :meth:`fits` (refuse a distribution), :meth:`draw`, :meth:`baseline` and
+    :meth:`update`.
+    """
+
+    name: ClassVar[str] = "estimator"
+    reparameterized: ClassVar[bool] = False
+    scored: ClassVar[bool] = False
+    enumerates: ClassVar[bool] = False
+    #: accepted keyword options and their defaults (``n`` is always accepted)
+    options: ClassVar[dict[str, Any]] = {}
+
+    def __init__(self, n: int | None = None, **options: Any) -> None:
+        unknown = sorted(set(options) - set(self.options))
+        if unknown:
+            known = ", ".join(["n", *self.options]) or "n"
+            raise EstimatorError(
+                f"estimator `{self.name}` has no option {', '.join(map(repr, unknown))}",
+                hint=f"its options are: {known}",
+            )
+        if n is not None and (not isinstance(n, int) or isinstance(n, bool) or n < 1):
+            raise EstimatorError(f"option n of `{self.name}` must be a positive int, not {n!r}")
+        self.n = n
+        self.opts = {**self.options, **options}
+
+    # ----------------------------------------------------------------- text
+    def text(self) -> str:
+        """The canonical text of this estimator, as ``using`` takes it."""
+        parts = [f"{k}={v!r}" for k, v in self.opts.items() if v != self.options.get(k)]
+        if self.n is not None:
+            parts.insert(0, f"n={self.n}")
+        return f"{self.name}({', '.join(parts)})" if parts else self.name
+
+    def __repr__(self) -> str:
+        return self.text()
+
+    # -------------------------------------------------------------- fitting
+    def fits(self, dist: Distribution) -> str | None:
+        """None if the estimator can handle ``dist``; else the reason it cannot."""
+        return None
+
+    def check(self, dist: Distribution, site: str) -> None:
+        """Raise :class:`EstimatorError` naming the site when ``dist`` does not fit."""
+        reason = self.fits(dist)
+        if reason is not None:
+            raise EstimatorError(
+                f"estimator `{self.name}` does not fit site `{site}` ({type(dist).__name__}): {reason}",
+                hint=f"use {suggest(dist)} for this site, e.g. `{site} ~ ... using {suggest(dist)}`",
+            )
+
+    # ------------------------------------------------------------- drawing
+    def draw(self, dist: Distribution, sample_shape: torch.Size | tuple[int, ...]) -> torch.Tensor:
+        """Draw the site's value(s), with ``sample_shape`` prepended."""
+        if self.reparameterized:
+            return dist.rsample(sample_shape)
+        return dist.sample(sample_shape)
+
+    # ------------------------------------------------------------ baselines
+    def baseline(self, signal: torch.Tensor, dim: int, state: dict) -> torch.Tensor | None:
+        """A baseline for this site's learning signal, or None.
+
+        ``signal`` is the (detached) downstream cost, one entry per particle;
+        ``dim`` is the dimension holding the samples the baseline may compare
+        (the site's own plate, or the story's samples). A baseline must not
+        depend on the particle's own sample.
+        """
+        return None
+
+    def update(self, signal: torch.Tensor, dim: int, state: dict) -> None:
+        """Update estimator state after the current estimate has used it."""
+
+
+def register_estimator(name: str, *aliases: str) -> Callable[[type[Estimator]], type[Estimator]]:
+    """Class decorator: register an :class:`Estimator` subclass under ``name``.
+
+    Example::
+
+        @storch_nb.register_estimator("score_half")
+        class HalfScore(storch_nb.Estimator):
+            scored = True
+            options = {"scale": 0.5}
+    """
+
+    def deco(cls: type[Estimator]) -> type[Estimator]:
+        if not (isinstance(cls, type) and issubclass(cls, Estimator)):
+            raise TypeError("register_estimator decorates a subclass of storch_nb.Estimator")
+        cls.name = name
+        _REGISTRY[name] = cls
+        for a in aliases:
+            _ALIASES[a] = name
+        return cls
+
+    return deco
+
+
+def estimators() -> list[str]:
+    """The names of every registered estimator (aliases included), sorted."""
+    return sorted({*_REGISTRY, *_ALIASES, "auto"})
+
+
+def parse_spec(text: str) -> tuple[str, dict[str, Any]]:
+    """``"score(baseline='rloo', n=4)"`` -> ``("score", {"baseline": "rloo", "n": 4})``."""
+    try:
+        node = ast.parse(text.strip(), mode="eval").body
+    except SyntaxError:
+        raise EstimatorError(
+            f"cannot read the estimator `{text}`",
+            hint="write a name or a call with keyword options, e.g. score(baseline='rloo')",
+        ) from None
+    if isinstance(node, ast.Name):
+        return node.id, {}
+    if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and not node.args:
+        opts = {}
+        for kw in node.keywords:
+            try:
+                opts[kw.arg] = ast.literal_eval(kw.value)
+            except ValueError:
+                raise EstimatorError(
+                    f"option {kw.arg} of `{text}` must be a literal value (number, string, None)",
+                ) from None
+        return node.func.id, opts
+    raise EstimatorError(
+        f"cannot read the estimator `{text}`",
+        hint="write a name or a call with keyword options, e.g. score(baseline='rloo')",
+    )
+
+
+def make_estimator(text: str) -> Estimator | None:
+    """Build the estimator that ``text`` names; None for ``auto``."""
+    name, opts = parse_spec(text)
+    if name == "auto":
+        if opts:
+            raise EstimatorError("`auto` takes no options", hint="name an estimator to set options")
+        return None
+    cls = _REGISTRY.get(_ALIASES.get(name, name))
+    if cls is None:
+        import difflib
+
+        close = difflib.get_close_matches(name, estimators(), n=1)
+        raise EstimatorError(
+            f"unknown estimator `{name}`",
+            hint=(f"did you mean `{close[0]}`? " if close else "") + "storch_nb.estimators() lists the names",
+        )
+    return cls(**opts)
+
+
+def auto_estimator(dist: Distribution, particles: int) -> Estimator:
+    """``auto``: pathwise where the distribution has ``rsample``, else score with
+    the leave-one-out baseline (plain score when there is a single particle)."""
+    if dist.has_rsample:
+        return _REGISTRY["pathwise"]()
+    if particles >= 2:
+        return _REGISTRY["score"](baseline="rloo")
+    return _REGISTRY["score"]()
+
+
+def suggest(dist: Distribution) -> str:
+    """The estimator to suggest for a distribution."""
+    if dist.has_rsample:
+        return "pathwise"
+    if dist.has_enumerate_support:
+        return "score(baseline='rloo') or enumerate"
+    return "score(baseline='rloo')"

@@ -1,0 +1,64 @@
+"""The stochastic computation graph that a story runs as (loops unrolled)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+__all__ = ["Node", "Graph", "KINDS"]
+
+#: the kinds of node, as drawn: params and inputs are leaves, deterministic
+#: steps are rectangles, stochastic steps (sites) ellipses, costs the objective.
+KINDS = ("param", "input", "deterministic", "stochastic", "cost")
+
+
+@dataclass(frozen=True)
+class Node:
+    name: str
+    kind: str
+    line: int | None  # 1-based story line (None for namespace leaves)
+
+
+@dataclass
+class Graph:
+    nodes: list[Node] = field(default_factory=list)
+    edges: list[tuple[str, str]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self._by_name = {n.name: n for n in self.nodes}
+        self._parents: dict[str, list[str]] = {}
+        for a, b in self.edges:
+            self._parents.setdefault(b, []).append(a)
+
+    def add(self, node: Node, parents: list[str] | tuple[str, ...] = ()) -> None:
+        self.nodes.append(node)
+        self._by_name[node.name] = node
+        for p in parents:
+            if (p, node.name) not in self._parents.get(node.name, ()):
+                self.edges.append((p, node.name))
+                self._parents.setdefault(node.name, []).append(p)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._by_name
+
+    def node(self, name: str) -> Node:
+        return self._by_name[name]
+
+    def parents(self, name: str) -> list[str]:
+        return list(self._parents.get(name, ()))
+
+    def ancestors(self, name: str) -> set[str]:
+        """Every node that ``name`` depends on (not including itself)."""
+        seen: set[str] = set()
+        stack = list(self._parents.get(name, ()))
+        while stack:
+            n = stack.pop()
+            if n not in seen:
+                seen.add(n)
+                stack.extend(self._parents.get(n, ()))
+        return seen
+
+    def of_kind(self, kind: str) -> list[Node]:
+        return [n for n in self.nodes if n.kind == kind]
+
+    def __repr__(self) -> str:
+        return f"Graph({len(self.nodes)} nodes, {len(self.edges)} edges)"

@@ -1,0 +1,87 @@
+"""The statements a story is made of, as the parser produces them.
+
+Each statement keeps its 1-based line number within the story text and the
+compiled code of its expressions, so that running a story never re-parses it.
+"""
+
+from __future__ import annotations
+
+import ast
+from dataclasses import dataclass, field
+from types import CodeType
+
+
+@dataclass(frozen=True)
+class Expr:
+    """A Python expression of the story: its text, AST, code and free names."""
+
+    text: str
+    node: ast.expr
+    code: CodeType
+    names: tuple[str, ...]  # free names it reads, in order of first use
+    lineno: int
+    col: int
+
+
+@dataclass(frozen=True)
+class Statement:
+    lineno: int
+    line: str  # the source text of the statement's first line
+
+
+@dataclass(frozen=True)
+class Assign(Statement):
+    """``x = EXPR``: a deterministic step."""
+
+    target: str
+    expr: Expr
+
+
+@dataclass(frozen=True)
+class Param(Statement):
+    """``x = param(VALUE)``: a learnable leaf."""
+
+    target: str
+    expr: Expr  # VALUE
+
+
+@dataclass(frozen=True)
+class Site(Statement):
+    """``x ~ DIST(ARGS) [using EST]``: a stochastic step.
+
+    When DIST(ARGS) is a plain call, ``dist`` is the callee and ``args`` /
+    ``kwargs`` its arguments, so the engine can pad batched arguments
+    correctly; otherwise ``call`` is None and ``dist`` is the whole expression
+    (a Distribution instance, or a function returning one).
+    """
+
+    target: str
+    dist: Expr
+    args: tuple[Expr, ...] = ()
+    kwargs: tuple[tuple[str, Expr], ...] = ()
+    is_call: bool = False
+    using: str | None = None  # estimator text after ``using``
+
+
+@dataclass(frozen=True)
+class Cost(Statement):
+    """``cost EXPR``: adds EXPR to the objective."""
+
+    expr: Expr
+
+
+@dataclass(frozen=True)
+class Loop(Statement):
+    """``for VAR in range(ARGS):`` and its indented block."""
+
+    var: str
+    range_args: tuple[Expr, ...]
+    body: tuple[Statement, ...] = field(default_factory=tuple)
+
+
+@dataclass(frozen=True)
+class Program:
+    """A parsed story: its statements and its source lines."""
+
+    statements: tuple[Statement, ...]
+    lines: tuple[str, ...]
