@@ -15,7 +15,7 @@ from .engine.execute import execute
 from .engine.plan import Plan, Planner
 from .engine.result import Comparison, Result
 from .errors import EstimatorError, StoryError
-from .estimators import make_estimator
+from .estimators import parse_spec
 from .graph import Graph
 from .story.parse import parse
 from .story.statements import Assign, Cost, Loop, Param, Site
@@ -23,6 +23,7 @@ from .story.statements import Assign, Cost, Loop, Param, Site
 __all__ = ["Story"]
 
 _MISSING = object()
+_NO_NAMESPACE: dict = {}
 _DTYPES = {"float32": torch.float32, "float64": torch.float64, "float": torch.float32, "double": torch.float64,
            "float16": torch.float16, "bfloat16": torch.bfloat16, "half": torch.float16}  # fmt: skip
 
@@ -37,7 +38,19 @@ def _dtype(dtype: Any) -> torch.dtype:
     raise StoryError(f"unknown dtype {dtype!r}", hint="use float32 or float64")
 
 
+_DEVICES: dict = {}
+
+
 def _device(device: Any) -> torch.device:
+    dev = _DEVICES.get(device) if isinstance(device, (str, torch.device)) else None
+    if dev is None:
+        dev = _resolve_device(device)
+        if isinstance(device, (str, torch.device)) and device != "auto":
+            _DEVICES[device] = dev
+    return dev
+
+
+def _resolve_device(device: Any) -> torch.device:
     if device is None or device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -196,16 +209,16 @@ class Story:
     @staticmethod
     def _estimator_spec(estimator: Any) -> tuple[str, dict[str, str]]:
         if estimator is None:
-            return "auto", {}
+            return "auto", _NO_NAMESPACE
         if isinstance(estimator, str):
-            make_estimator(estimator)  # validate now, with a clear error
-            return estimator, {}
+            parse_spec(estimator)  # validate now, with a clear error
+            return estimator, _NO_NAMESPACE
         if isinstance(estimator, Mapping):
             per = {}
             for k, v in estimator.items():
                 if not isinstance(v, str):
                     raise EstimatorError(f"the estimator for site {k!r} must be text, not {type(v).__name__}")
-                make_estimator(v)
+                parse_spec(v)
                 per[str(k)] = v
             return per.pop("*", "auto") if "*" in per else "auto", per
         raise EstimatorError(
@@ -261,7 +274,7 @@ class Story:
         runs = _positive_int("runs", runs)
         dev = _device(device)
         dt = _dtype(dtype)
-        ns = namespace if namespace is not None else {}
+        ns = namespace if namespace is not None else _NO_NAMESPACE
         default, per_site = self._estimator_spec(estimator)
         run_dim = runs > 1
         with _Seeded(seed, dev):
@@ -275,7 +288,7 @@ class Story:
             mod_params = _module_params(probe)
             inputs += [p for _, p in mod_params]
             if inputs and total.requires_grad:
-                gs = torch.autograd.grad(total.sum(), inputs, allow_unused=True)
+                gs = torch.autograd.grad(total if total.dim() == 0 else total.sum(), inputs, allow_unused=True)
             else:
                 gs = [None] * len(inputs)
         grads = {}
@@ -288,8 +301,12 @@ class Story:
         elif run_dim:
             err = {k: g.std(0, unbiased=True) / math.sqrt(runs) for k, g in grads.items()}
         costs = total.detach()
-        cost = costs.mean().item()
-        cost_se = costs.std().item() / math.sqrt(runs) if run_dim else None
+        if run_dim:
+            cost = costs.mean().item()
+            cost_se = costs.std().item() / math.sqrt(runs)
+        else:
+            cost = costs.item()
+            cost_se = None
         return Result(
             grads=grads,
             cost=cost,
@@ -356,7 +373,7 @@ class Story:
         for higher orders) is the estimator's gradient."""
         samples = _positive_int("samples", samples)
         dev, dt = _device(device), _dtype(dtype)
-        ns = namespace if namespace is not None else {}
+        ns = namespace if namespace is not None else _NO_NAMESPACE
         default, per_site = self._estimator_spec(estimator)
         with _Seeded(seed, dev):
             plan = self._plan(ns, default, per_site, False, False, dev, dt)
@@ -369,7 +386,7 @@ class Story:
         """Exact cost and gradients, by summing over the joint finite support of every site."""
         t0 = time.perf_counter()
         dev, dt = _device(device), _dtype(dtype)
-        ns = namespace if namespace is not None else {}
+        ns = namespace if namespace is not None else _NO_NAMESPACE
         try:
             plan = self._plan(ns, "enumerate", {}, False, False, dev, dt)
             leaves = self._leaves(plan, ns, dev, dt)

@@ -130,6 +130,7 @@ class SiteOp:
     sample_dim: int  # the story's sample dimension
     ancestors: tuple[str, ...]  # upstream sites
     checked: dict = field(default_factory=dict)
+    numbers: dict = field(default_factory=dict, repr=False)
 
     def build(self, ex) -> Distribution:
         env = ex.env
@@ -146,13 +147,13 @@ class SiteOp:
         kwargs = {k: a(env) for k, a in self.kwargs}
         if self.arg_rank:
             args, kwargs = self.align(cls, args, kwargs)
-        # Python numbers become tensors of the run's dtype and device
+        # Python numbers become tensors of the run's dtype and device (cached)
         for i, a in enumerate(args):
             if type(a) in (float, int):
-                args[i] = torch.tensor(a, dtype=ex.dtype, device=ex.device)
+                args[i] = self.number(a, ex)
         for k, a in kwargs.items():
             if type(a) in (float, int):
-                kwargs[k] = torch.tensor(a, dtype=ex.dtype, device=ex.device)
+                kwargs[k] = self.number(a, ex)
         if not (isinstance(cls, type) and issubclass(cls, Distribution)):
             d = cls(*args, **kwargs)
             if not isinstance(d, Distribution):
@@ -168,6 +169,15 @@ class SiteOp:
                 f"invalid arguments for {cls.__name__}: {exc}",
                 hint=f"see help(torch.distributions.{cls.__name__}) for its arguments and their constraints",
             ) from None
+
+    def number(self, a: float, ex) -> torch.Tensor:
+        key = (a, ex.dtype, ex.device)
+        t = self.numbers.get(key)
+        if t is None:
+            if len(self.numbers) > 64:
+                self.numbers.clear()
+            t = self.numbers[key] = torch.tensor(a, dtype=ex.dtype, device=ex.device)
+        return t
 
     def align(self, cls, args: list, kwargs: dict) -> tuple[list, dict]:
         """Pad batched arguments so their own dimensions line up as for one draw."""

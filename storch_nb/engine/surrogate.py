@@ -62,28 +62,34 @@ def build(ex: Execution, state: dict, keep: int) -> torch.Tensor:
             logp = scored[0][2]
             for _, _, lp in scored[1:]:
                 logp = logp + lp
-            term = _box(logp) * c
-            signal = None
+            box = _box(logp)
+            signal = c.detach()
+            baselines = []
             for site, est, lp in scored:
                 key = (site.node, op.node)
                 st = state.get(key)
                 if st is None or st.get("sizes") != ex.sizes[:keep]:
                     st = state[key] = {"sizes": ex.sizes[:keep], "run_dims": keep}
-                if signal is None:
-                    signal = c.detach()
                 dim = site.plate if site.plate is not None and est.n is not None else site.sample_dim
                 b = est.baseline(signal, dim, st)
                 updates.append((est, signal, dim, st))
-                if b is None:
-                    continue
-                bt = (1 - _box(lp)) * b
-                anc = [lp2 for s2, _, lp2 in scored if s2.node in site.ancestors]
-                if anc:
-                    a = anc[0]
-                    for x in anc[1:]:
-                        a = a + x
-                    bt = bt * _box(a)
-                term = term + bt
+                if b is not None:
+                    baselines.append((site, lp, b))
+            if len(scored) == 1 and baselines:
+                # (1 - box) * b + box * c, written with one product fewer
+                b = baselines[0][2]
+                term = b + box * (c - b)
+            else:
+                term = box * c
+                for site, lp, b in baselines:
+                    bt = (1 - _box(lp)) * b
+                    anc = [lp2 for s2, _, lp2 in scored if s2.node in site.ancestors]
+                    if anc:
+                        a = anc[0]
+                        for x in anc[1:]:
+                            a = a + x
+                        bt = bt * _box(a)
+                    term = term + bt
         else:
             term = c
         if weights is not None:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import ast
 from collections.abc import Callable
+from functools import lru_cache
 from typing import Any, ClassVar
 
 import torch
@@ -77,6 +78,12 @@ class Estimator:
     # ----------------------------------------------------------------- text
     def text(self) -> str:
         """The canonical text of this estimator, as ``using`` takes it."""
+        cached = self.__dict__.get("_text")
+        if cached is None:
+            cached = self.__dict__["_text"] = self._make_text()
+        return cached
+
+    def _make_text(self) -> str:
         parts = [f"{k}={v!r}" for k, v in self.opts.items() if v != self.options.get(k)]
         if self.n is not None:
             parts.insert(0, f"n={self.n}")
@@ -151,6 +158,12 @@ def estimators() -> list[str]:
 
 def parse_spec(text: str) -> tuple[str, dict[str, Any]]:
     """``"score(baseline='rloo', n=4)"`` -> ``("score", {"baseline": "rloo", "n": 4})``."""
+    name, opts = _parse_spec(text)
+    return name, dict(opts)
+
+
+@lru_cache(maxsize=256)
+def _parse_spec(text: str) -> tuple[str, tuple[tuple[str, Any], ...]]:
     try:
         node = ast.parse(text.strip(), mode="eval").body
     except SyntaxError:
@@ -159,7 +172,7 @@ def parse_spec(text: str) -> tuple[str, dict[str, Any]]:
             hint="write a name or a call with keyword options, e.g. score(baseline='rloo')",
         ) from None
     if isinstance(node, ast.Name):
-        return node.id, {}
+        return node.id, ()
     if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and not node.args:
         opts = {}
         for kw in node.keywords:
@@ -169,7 +182,7 @@ def parse_spec(text: str) -> tuple[str, dict[str, Any]]:
                 raise EstimatorError(
                     f"option {kw.arg} of `{text}` must be a literal value (number, string, None)",
                 ) from None
-        return node.func.id, opts
+        return node.func.id, tuple(opts.items())
     raise EstimatorError(
         f"cannot read the estimator `{text}`",
         hint="write a name or a call with keyword options, e.g. score(baseline='rloo')",

@@ -85,5 +85,5 @@ class LeaveOneOut(ScoreFunction):
 
     options = {"baseline": "rloo", "decay": 0.9}
 
-    def text(self) -> str:
+    def _make_text(self) -> str:
         return "rloo" if self.n is None else f"rloo(n={self.n})"
