@@ -2,7 +2,7 @@
 
 Run from the repository root::
 
-    python benchmarks/bench_engine.py            # full run (about a minute)
+    python benchmarks/bench_engine.py            # full run (under a minute)
     python benchmarks/bench_engine.py --quick    # smoke run (a few seconds)
     python benchmarks/bench_engine.py --profile  # where storch_nb's time goes at S=1000
 
@@ -12,7 +12,9 @@ rounds (storch, hand, storch, hand, ...); a round is many back-to-back calls and
 keeps its fastest call, and a side's time is the median of its rounds' fastest
 calls. A shared machine can only ever slow a call down, so the fastest call is
 the best estimate of the true cost, and the median over rounds guards against
-a round that was slowed all the way through.
+a round that was slowed all the way through. The ratio is the ratio of the two
+medians; the "per-round ratios" column gives the quartiles of the ratios of
+neighbouring rounds, a rough gauge of how noisy the machine was.
 
 The hand-written side is what a careful person would write: leaf tensors,
 ``Normal(loc, 1.0, validate_args=False)``, ``torch.autograd.grad``, and the
@@ -269,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # (rounds, calls per round, warm-up calls) per size
     small = (3, 30, 20) if args.quick else (15, 200, 200)
-    large = (3, 1, 1) if args.quick else (9, 5, 3)
+    large = (3, 1, 1) if args.quick else (15, 5, 3)
     batched = (3, 5, 3) if args.quick else (9, 20, 10)
 
     rows = []  # case, estimator, reference label, ref time, storch time, target
@@ -277,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
         for n, (rounds, calls, warm) in ((1000, small), (10**6, large)):
             t = race({"storch": storch(story, n, est), "hand": hand(n, est)}, rounds, calls, warm)
             target = 1.5 if n == 1000 else 1.1
-            rows.append((f"S={n:,}", short, "hand-written", t["hand"].median, t["storch"].median, target))
+            rows.append((f"S={n:,}", short, "hand-written", t["hand"], t["storch"], target))
     for est, short in ESTIMATORS.items():
         rounds, calls, warm = batched
         t = race(
@@ -290,15 +292,18 @@ def main(argv: list[str] | None = None) -> int:
             calls,
             warm,
         )
-        rows.append(("runs=1000 × S=100", short, "storch runs=1, S=100,000", t["flat"].median, t["runs"].median, 1.5))
-        rows.append(("runs=1000 × S=100", short, "hand-written (R,S) batch", t["hand"].median, t["runs"].median, None))
+        rows.append(("runs=1000 × S=100", short, "storch runs=1, S=100,000", t["flat"], t["runs"], 1.5))
+        rows.append(("runs=1000 × S=100", short, "hand-written (R,S) batch", t["hand"], t["runs"], None))
 
     print()
-    print("| case | estimator | reference | reference time | storch_nb | ratio | target | result |")
-    print("|---|---|---|---:|---:|---:|---:|---|")
+    print(
+        "| case | estimator | reference | reference time | storch_nb | ratio | per-round ratios q1-q3 | target | result |"
+    )
+    print("|---|---|---|---:|---:|---:|---:|---:|---|")
     failed = 0
     for case, short, ref_label, ref, st, target in rows:
-        ratio = st / ref
+        ratio = st.median / ref.median
+        q1, _, q3 = statistics.quantiles([x / y for x, y in zip(st.best, ref.best)], n=4)
         if target is None:
             verdict, tgt = "(info)", "-"
         else:
@@ -306,7 +311,7 @@ def main(argv: list[str] | None = None) -> int:
             failed += not ok
             verdict, tgt = ("PASS" if ok else "FAIL"), f"≤ {target}x"
         print(
-            f"| {case} | {short} | {ref_label} | {fmt_time(ref)} | {fmt_time(st)} | {ratio:.2f}x | {tgt} | {verdict} |"
+            f"| {case} | {short} | {ref_label} | {fmt_time(ref.median)} | {fmt_time(st.median)} | {ratio:.2f}x | {q1:.2f}-{q3:.2f} | {tgt} | {verdict} |"
         )
 
     print()

@@ -160,7 +160,7 @@ class Story:
         return self._plan({}, "auto", {}, False, False, torch.device("cpu"), torch.float32, tolerant=True).graph
 
     # ------------------------------------------------------------- plans
-    def _plan(self, ns, default, per_site, run_dim, batched, device, dtype, tolerant=False) -> Plan:
+    def _plan(self, ns, default, per_site, run_dim, batched, device, dtype, tolerant=False, override=None) -> Plan:
         key = (
             id(ns),
             tuple(id(ns.get(n, _MISSING)) for n in self._free),
@@ -171,12 +171,13 @@ class Story:
             device,
             dtype,
             tolerant,
+            override,
         )
         plan = self._plans.get(key)
         if plan is None:
             if tolerant:
                 ns = {n: torch.zeros(()) for n in self._free if n not in ns and not _is_known(n)}
-            plan = Planner(self.program, ns, per_site, default, run_dim, batched).build()
+            plan = Planner(self.program, ns, per_site, default, run_dim, batched, override).build()
             if len(self._plans) > 32:
                 self._plans.clear()
             self._plans[key] = plan
@@ -194,8 +195,7 @@ class Story:
                     if leaf is not None:
                         value = leaf.detach()
                     else:
-                        env = dict(plan.ops[0].fn.globals) if False else None  # noqa: F841
-                        value = _eval_param(ref, ns)
+                        value = _eval_param(ref, ns, dtype)
                     leaf = value.to(device=device, dtype=dtype).detach().requires_grad_(True)
                     self._params[var] = leaf
                 out[var] = leaf
@@ -236,6 +236,7 @@ class Story:
         device,
         dtype,
         max_outcomes: int = 10**6,
+        per_sample: bool = False,
     ):
         """One vectorized pass: returns (surrogate per run, leaves as used)."""
         used = leaves
@@ -245,7 +246,8 @@ class Story:
         env = dict(used)
         sizes = [runs, samples] if plan.run_dim else [samples]
         ex = execute(plan, env, sizes, dtype, device, validate=not plan.validated, max_outcomes=max_outcomes)
-        total = _surrogate.build(ex, self._state, 1 if plan.run_dim else 0)
+        keep = 1 if plan.run_dim else 0
+        total = _surrogate.build(ex, self._state, keep, stop=keep + 1 if per_sample else keep)
         plan.validated = True
         return total, used, ex
 
@@ -282,7 +284,14 @@ class Story:
             if probe.modules and (run_dim or stderr):
                 return self._run_modules(ns, default, per_site, samples, runs, dev, dt, t0, max_outcomes)
             leaves = self._leaves(probe, ns, dev, dt)
-            total, used, ex = self._pass(probe, leaves, samples, runs, dev, dt, max_outcomes)
+            per_sample = stderr and not run_dim
+            total, used, ex = self._pass(probe, leaves, samples, runs, dev, dt, max_outcomes, per_sample)
+            cost_se = None
+            if per_sample:
+                terms = total.detach()
+                total = total.mean() if total.dim() else total
+                if terms.dim() and samples > 1:
+                    cost_se = (terms.expand(samples).std() / math.sqrt(samples)).item()
             names = list(used)
             inputs = list(used.values())
             mod_params = _module_params(probe)
@@ -295,7 +304,12 @@ class Story:
         for name, g, x in zip(names + [n for n, _ in mod_params], gs, inputs):
             grads[name] = torch.zeros_like(x) if g is None else g
         err = None
-        if stderr and not run_dim:
+        if per_sample:
+            # per-sample contributions g_i (their sum is the estimate): SE = sqrt(S) * std(g_i).
+            # With leave-one-out or batch-average baselines this is the first-order (delta
+            # method) standard error: it understates the error where that first-order term
+            # vanishes (the Bernoulli toy at p = 1/2) and at a handful of samples; runs > 1
+            # gives the exact spread.
             err = {k: math.sqrt(samples) * g.std(0, unbiased=True) if samples > 1 else torch.full_like(g[0], float("nan")) for k, g in grads.items()}
             grads = {k: g.sum(0) for k, g in grads.items()}
         elif run_dim:
@@ -306,7 +320,6 @@ class Story:
             cost_se = costs.std().item() / math.sqrt(runs)
         else:
             cost = costs.item()
-            cost_se = None
         return Result(
             grads=grads,
             cost=cost,
@@ -323,7 +336,14 @@ class Story:
         )
 
     def _run_modules(self, ns, default, per_site, samples, runs, dev, dt, t0, max_outcomes) -> Result:
-        """Stories that call ``nn.Module``s: one pass per run (module weights are not batched)."""
+        """Stories that call ``nn.Module``s: one pass per run (module weights are not batched).
+
+        With ``runs == 1`` and standard errors asked for, the estimate is the mean
+        of 10 independent batches of ``samples / 10`` samples and its standard
+        error their spread divided by sqrt(10) (batch means)."""
+        batches = 1
+        if runs == 1 and samples >= 20:
+            batches = 10
         plan = self._plan(ns, default, per_site, False, False, dev, dt)
         leaves = self._leaves(plan, ns, dev, dt)
         mod_params = _module_params(plan)
@@ -332,18 +352,22 @@ class Story:
         per_run: list[list[torch.Tensor]] = []
         costs = []
         ex = None
-        for _ in range(runs):
-            total, _, ex = self._pass(plan, leaves, samples, 1, dev, dt, max_outcomes)
+        for _ in range(runs * batches):
+            total, _, ex = self._pass(plan, leaves, samples // batches, 1, dev, dt, max_outcomes)
             gs = torch.autograd.grad(total, inputs, allow_unused=True) if total.requires_grad else [None] * len(inputs)
             per_run.append([torch.zeros_like(x) if g is None else g for g, x in zip(gs, inputs)])
             costs.append(total.detach())
         grads = {n: torch.stack([r[i] for r in per_run]) for i, n in enumerate(names)}
-        if runs == 1:
+        c = torch.stack(costs)
+        if batches > 1:
+            err = {k: g.std(0) / math.sqrt(batches) for k, g in grads.items()}
+            grads = {k: g.mean(0) for k, g in grads.items()}
+            cost_se = c.std().item() / math.sqrt(batches)
+        elif runs == 1:
             grads = {k: v[0] for k, v in grads.items()}
             err = None
         else:
             err = {k: g.std(0) / math.sqrt(runs) for k, g in grads.items()}
-        c = torch.stack(costs)
         return Result(
             grads=grads,
             cost=c.mean().item(),
@@ -355,7 +379,7 @@ class Story:
             seconds=time.perf_counter() - t0,
             dtype=dt,
             stderr=err,
-            cost_stderr=c.std().item() / math.sqrt(runs) if runs > 1 else None,
+            cost_stderr=c.std().item() / math.sqrt(runs) if runs > 1 else (cost_se if batches > 1 else None),
             costs=c,
         )
 
@@ -388,7 +412,7 @@ class Story:
         dev, dt = _device(device), _dtype(dtype)
         ns = namespace if namespace is not None else _NO_NAMESPACE
         try:
-            plan = self._plan(ns, "enumerate", {}, False, False, dev, dt)
+            plan = self._plan(ns, "enumerate", {}, False, False, dev, dt, override="enumerate")
             leaves = self._leaves(plan, ns, dev, dt)
             total, used, ex = self._pass(plan, leaves, 1, 1, dev, dt, max_outcomes)
         except EstimatorError as exc:
@@ -475,7 +499,7 @@ def _is_known(name: str) -> bool:
     return name in HELPERS or name in BUILTINS
 
 
-def _eval_param(ref, ns) -> torch.Tensor:
+def _eval_param(ref, ns, dtype: torch.dtype) -> torch.Tensor:
     from .engine.helpers import BUILTINS, HELPERS
 
     g = dict(HELPERS)
@@ -491,7 +515,9 @@ def _eval_param(ref, ns) -> torch.Tensor:
             lineno=ref.lineno,
             hint="write e.g. `x = param(1.0)` or `x = param(torch.zeros(3))`",
         )
-    t = torch.as_tensor(value)
+    if not isinstance(value, torch.Tensor):
+        return torch.tensor(float(value), dtype=dtype)  # the Python number itself, in the run's dtype
+    t = value
     if not (t.is_floating_point() or t.dtype in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)):
         raise StoryError(f"param() needs a real number, not {t.dtype}", lineno=ref.lineno)
     return t.detach().clone()

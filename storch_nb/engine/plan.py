@@ -265,8 +265,10 @@ class Planner:
         default: str,
         run_dim: bool,
         batched_params: bool,
+        override: str | None = None,
     ) -> None:
         self.program = program
+        self.override = override  # an estimator for every site, ignoring `using` (exact())
         self.ns = namespace
         self.est_texts = estimators
         self.default = default
@@ -441,6 +443,14 @@ class Planner:
                 "no cost is ever computed (every `cost` line is in a loop that runs zero times)",
                 hint="check the loop bounds",
             )
+        known = set(self.site_ops) | {op.var for op in self.site_ops.values()}
+        unknown = sorted(set(self.est_texts) - known)
+        if unknown:
+            names = ", ".join(dict.fromkeys(op.var for op in self.site_ops.values())) or "none"
+            raise EstimatorError(
+                f"the estimator mapping names {', '.join(map(repr, unknown))}, which is not a site of this story",
+                hint=f"the sites are: {names}",
+            )
         graph = Graph(self.nodes, self.edges)
         # parameters that no cost reaches
         reached: set[str] = set()
@@ -468,7 +478,7 @@ class Planner:
             try:
                 self.statement(st, loopvars, suffix)
             except StoryError as exc:
-                raise exc.located(st.lineno, st.line)
+                raise exc.located(st.lineno, st.line) from None
 
     def statement(self, st: Statement, loopvars: dict[str, int], suffix: str) -> None:
         lv = set(loopvars)
@@ -534,7 +544,7 @@ class Planner:
 
     def site(self, st: Site, lv: set[str], suffix: str) -> None:
         name = self.unique(st.target + suffix)
-        text = st.using or self.est_texts.get(name) or self.est_texts.get(st.target) or self.default
+        text = self.override or st.using or self.est_texts.get(name) or self.est_texts.get(st.target) or self.default
         try:
             est = make_estimator(text)
         except EstimatorError as exc:

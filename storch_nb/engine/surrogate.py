@@ -21,7 +21,17 @@ from __future__ import annotations
 
 import torch
 
+from ..errors import StoryError
 from .execute import Execution
+
+
+def _sum(xs: list) -> torch.Tensor | None:
+    if not xs:
+        return None
+    out = xs[0]
+    for x in xs[1:]:
+        out = out + x
+    return out
 
 
 def _box(x: torch.Tensor) -> torch.Tensor:
@@ -41,29 +51,41 @@ def _to_cost_shape(lp: torch.Tensor, r: int, m: int, k: int) -> torch.Tensor:
     return lp.reshape(shape[:r] + (1,) * (m - r) + (1,) * (k - own) + shape[r:])
 
 
-def build(ex: Execution, state: dict, keep: int) -> torch.Tensor:
-    """The surrogate: a scalar, or one entry per run when ``keep`` is 1."""
+def build(ex: Execution, state: dict, keep: int, stop: int | None = None) -> torch.Tensor:
+    """The surrogate: a scalar, or one entry per run when ``keep`` is 1.
+
+    ``stop`` (default ``keep``) is how many leading batch dims stay unreduced:
+    ``stop=1`` with ``keep=0`` gives one term per sample (their mean is the
+    surrogate), for standard errors.
+    """
+    stop = keep if stop is None else stop
     total = None
     updates = []
     kinds = ex.kinds
+
+    def reduce(term: torch.Tensor, k: int) -> torch.Tensor:
+        # average the cost's own entries, then reduce the batch dims
+        if k:
+            term = term.mean(tuple(range(term.dim() - k, term.dim())))
+        for d in range(term.dim() - 1, stop - 1, -1):
+            term = term.sum(d) if kinds[d] == "sum" else term.mean(d)
+        return term
+
     for op, c in ex.costs:
         r = op.fn.rank
         k = c.dim() - r
         scored = []  # (site op, estimator, log-prob in the cost's shape)
-        weights = None
+        enumerated = []  # (site op, log-probability of the outcome in the cost's shape)
         for name in op.sites:
             site, est, lp = ex.sites[name]
             if est.enumerates:
-                w = _to_cost_shape(lp, site.rank, r, k)
-                weights = w if weights is None else weights + w
+                enumerated.append((site, _to_cost_shape(lp, site.rank, r, k)))
             elif est.scored:
                 scored.append((site, est, _to_cost_shape(lp, site.rank, r, k)))
+        weights = _sum([w for _, w in enumerated])
+        extra = None  # baseline terms that enumeration plates must not sum over
         if scored:
-            logp = scored[0][2]
-            for _, _, lp in scored[1:]:
-                logp = logp + lp
-            box = _box(logp)
-            signal = c.detach()
+            box = _box(_sum([lp for _, _, lp in scored]))
             baselines = []
             for site, est, lp in scored:
                 key = (site.node, op.node)
@@ -71,34 +93,45 @@ def build(ex: Execution, state: dict, keep: int) -> torch.Tensor:
                 if st is None or st.get("sizes") != ex.sizes[:keep]:
                     st = state[key] = {"sizes": ex.sizes[:keep], "run_dims": keep}
                 dim = site.plate if site.plate is not None and est.n is not None else site.sample_dim
-                b = est.baseline(signal, dim, st)
+                # the site's learning signal: the cost, summed over the enumerated
+                # outcomes that do not come before the site (its expectation over them)
+                anc = [w for u, w in enumerated if u.node in site.ancestors]
+                rest = [(u, w) for u, w in enumerated if u.node not in site.ancestors]
+                signal = c.detach()
+                if rest:
+                    signal = signal * torch.exp(_sum([w for _, w in rest])).detach()
+                    signal = signal.sum(tuple(u.plate for u, _ in rest), keepdim=True)
+                try:
+                    b = est.baseline(signal, dim, st)
+                except StoryError as exc:
+                    raise exc.located(site.lineno, site.line) from None
                 updates.append((est, signal, dim, st))
                 if b is not None:
-                    baselines.append((site, lp, b))
-            if len(scored) == 1 and baselines:
+                    baselines.append((site, lp, b, anc, bool(rest)))
+            if len(scored) == 1 and len(baselines) == 1 and not enumerated:
                 # (1 - box) * b + box * c, written with one product fewer
                 b = baselines[0][2]
                 term = b + box * (c - b)
             else:
                 term = box * c
-                for site, lp, b in baselines:
+                for site, lp, b, anc, has_rest in baselines:
                     bt = (1 - _box(lp)) * b
-                    anc = [lp2 for s2, _, lp2 in scored if s2.node in site.ancestors]
+                    up = [lp2 for s2, _, lp2 in scored if s2.node in site.ancestors]
+                    if up:
+                        bt = bt * _box(_sum(up))
                     if anc:
-                        a = anc[0]
-                        for x in anc[1:]:
-                            a = a + x
-                        bt = bt * _box(a)
-                    term = term + bt
+                        bt = bt * torch.exp(_sum(anc))
+                    if has_rest:
+                        extra = bt if extra is None else extra + bt
+                    else:
+                        term = term + bt
         else:
             term = c
         if weights is not None:
             term = term * torch.exp(weights)
-        # average the cost's own entries, then reduce the batch dims
-        if k:
-            term = term.mean(tuple(range(term.dim() - k, term.dim())))
-        for d in range(term.dim() - 1, keep - 1, -1):
-            term = term.sum(d) if kinds[d] == "sum" else term.mean(d)
+        term = reduce(term, k)
+        if extra is not None:
+            term = term + reduce(extra, k)
         total = term if total is None else total + term
     for est, signal, dim, st in updates:
         est.update(signal, dim, st)

@@ -190,13 +190,10 @@ def _render_html(t: _Table) -> str:
     e = html.escape
     parts = ['<div class="storch-nb">']
     parts.append(
-        '<table class="storch-nb-table" style="border-collapse:collapse;'
-        'font-variant-numeric:tabular-nums;margin:0">'
+        '<table class="storch-nb-table" style="border-collapse:collapse;font-variant-numeric:tabular-nums;margin:0">'
     )
     if t.caption:
-        parts.append(
-            f'<caption style="text-align:left;caption-side:top;font-size:90%">{e(t.caption)}</caption>'
-        )
+        parts.append(f'<caption style="text-align:left;caption-side:top;font-size:90%">{e(t.caption)}</caption>')
     parts.append("<thead><tr>")
     for c, h in enumerate(t.header):
         align = "left" if c < t.label_cols else "right"
@@ -231,8 +228,7 @@ def _pick_names(available: Iterable[str], grads: Sequence[str] | None) -> list[s
     unknown = [g for g in grads if g not in available]
     if unknown:
         raise KeyError(
-            f"no parameter named {', '.join(map(repr, unknown))}; "
-            f"parameters: {', '.join(available) or '(none)'}"
+            f"no parameter named {', '.join(map(repr, unknown))}; parameters: {', '.join(available) or '(none)'}"
         )
     return list(grads)
 
@@ -312,8 +308,7 @@ def _result_table(
         if n > MAX_ENTRIES:
             dims = "×".join(str(s) for s in shape)
             more.append(
-                f"{name}: {n - MAX_ENTRIES} more entries not shown (shape {dims}); "
-                "use --out NAME to get them all"
+                f"{name}: {n - MAX_ENTRIES} more entries not shown (shape {dims}); use --out NAME to get them all"
             )
 
     what = f"{getattr(res, 'samples', '?')} samples × {runs} run{'s' if many else ''}"
@@ -339,16 +334,12 @@ def _result_table(
     return _Table(header=header, rows=rows, caption=caption, notes=out_notes)
 
 
-def result_html(
-    res: Any, exact: Any = None, grads: Sequence[str] | None = None, notes: Sequence[str] = ()
-) -> str:
+def result_html(res: Any, exact: Any = None, grads: Sequence[str] | None = None, notes: Sequence[str] = ()) -> str:
     """HTML table of a ``Result`` (and the exact reference ``exact`` if given)."""
     return _render_html(_result_table(res, exact, grads, notes))
 
 
-def result_text(
-    res: Any, exact: Any = None, grads: Sequence[str] | None = None, notes: Sequence[str] = ()
-) -> str:
+def result_text(res: Any, exact: Any = None, grads: Sequence[str] | None = None, notes: Sequence[str] = ()) -> str:
     """The text/plain twin of :func:`result_html`."""
     return _render_text(_result_table(res, exact, grads, notes))
 
@@ -356,6 +347,32 @@ def result_text(
 # ---------------------------------------------------------------------------
 # a comparison of estimators
 # ---------------------------------------------------------------------------
+
+
+def _expand_entries(grads: Sequence[str] | None, available: Sequence[str]) -> list[str] | None:
+    """``--grad x`` also picks the rows ``x[0]``, ``x[1]``, ... of a comparison."""
+    if grads is None:
+        return None
+    out: list[str] = []
+    for g in grads:
+        hits = [a for a in available if a == g or a.startswith(g + "[")]
+        out.extend(h for h in (hits or [g]) if h not in out)
+    return out
+
+
+def _reference_grad(reference: Any, name: str) -> Any:
+    """The exact gradient for ``name``, which may be an entry such as ``x[0, 1]``."""
+    grads = getattr(reference, "grads", {}) or {}
+    if name in grads:
+        return grads[name]
+    base, bracket, rest = name.partition("[")
+    if not bracket or base not in grads or not rest.endswith("]"):
+        return None
+    try:
+        index = tuple(int(i) for i in rest[:-1].split(","))
+        return grads[base][index]
+    except (ValueError, IndexError, TypeError):
+        return None
 
 
 def _comparison_table(
@@ -371,7 +388,7 @@ def _comparison_table(
     for r in table:
         if r.get("param") not in params_seen:
             params_seen.append(r.get("param"))
-    wanted = _pick_names(params_seen, grads)
+    wanted = _pick_names(params_seen, _expand_entries(grads, params_seen))
 
     header = ["estimator", "param", "mean", "std", "variance", "bias", "time"]
     if reference is not None:
@@ -387,7 +404,7 @@ def _comparison_table(
             biases = _flat(r.get("bias"))
             ex = None
             if reference is not None:
-                ex = _flat((getattr(reference, "grads", {}) or {}).get(name))
+                ex = _flat(_reference_grad(reference, name))
             n = max(len(means or [0]), 1)
             shape: tuple[int, ...] = _shape(r.get("mean"))
             if _numel(shape) != n:

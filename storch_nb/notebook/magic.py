@@ -77,6 +77,7 @@ from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
 from IPython.core.magic_arguments import argument, argument_group, magic_arguments
 from traitlets import CaselessStrEnum, Dict, Int, TraitError, Unicode, Union, validate
 
+from ..errors import StoryError
 from .display import ComparisonView, ResultView
 
 __all__ = ["StorchMagics", "load_ipython_extension", "unload_ipython_extension"]
@@ -222,9 +223,7 @@ def _positive_int(what: str):
         try:
             value = int(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(
-                f"{what} must be a positive integer, got {text!r}"
-            ) from None
+            raise argparse.ArgumentTypeError(f"{what} must be a positive integer, got {text!r}") from None
         if value < 1:
             raise argparse.ArgumentTypeError(f"{what} must be a positive integer, got {value}")
         return value
@@ -243,9 +242,7 @@ def _seed_type(text: str) -> Any:
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"seed must be a non-negative integer or none, got {text!r}"
-        ) from None
+        raise argparse.ArgumentTypeError(f"seed must be a non-negative integer or none, got {text!r}") from None
     if value < 0:
         raise argparse.ArgumentTypeError(f"seed must be a non-negative integer, got {value}")
     return value
@@ -278,8 +275,7 @@ def _estimator_type(text: str) -> Any:
             isinstance(k, str) and isinstance(v, str) and v.strip() for k, v in mapping.items()
         ):
             raise argparse.ArgumentTypeError(
-                "an estimator mapping must look like {'site': 'estimator', ...}, "
-                f"got {text!r}"
+                f"an estimator mapping must look like {{'site': 'estimator', ...}}, got {text!r}"
             )
         return {k: v.strip() for k, v in mapping.items()}
     return value
@@ -302,9 +298,7 @@ def _out_type(text: str) -> str:
 def _compare_type(text: str) -> list[str]:
     ests = _split_top_level(text)
     if not ests:
-        raise argparse.ArgumentTypeError(
-            "give the estimators to compare, e.g. --compare pathwise,score"
-        )
+        raise argparse.ArgumentTypeError("give the estimators to compare, e.g. --compare pathwise,score")
     return ests
 
 
@@ -327,26 +321,18 @@ _DEFAULT_NAMES = ("samples", "estimator", "runs", "seed", "device", "dtype")
 class StorchMagics(Magics):
     """The ``%%storch`` cell magic and the ``%storch`` line magic (settings)."""
 
-    samples = Int(
-        1000, min=1, help="Monte Carlo samples per estimate (--samples/-n)."
-    ).tag(config=True)
+    samples = Int(1000, min=1, help="Monte Carlo samples per estimate (--samples/-n).").tag(config=True)
     estimator = Union(
         [Unicode(), Dict(key_trait=Unicode(), value_trait=Unicode())],
         default_value="auto",
         help="Estimator for sites without `using` (--estimator/-e): text or {site: text}.",
     ).tag(config=True)
-    runs = Int(1, min=1, help="Independent repetitions of the estimate (--runs/-r).").tag(
+    runs = Int(1, min=1, help="Independent repetitions of the estimate (--runs/-r).").tag(config=True)
+    seed = Int(None, allow_none=True, min=0, help="Seed (--seed); None: torch's global generator.").tag(config=True)
+    device = CaselessStrEnum(list(_DEVICES), default_value="cpu", help="Device: cpu, cuda or auto (--device).").tag(
         config=True
     )
-    seed = Int(
-        None, allow_none=True, min=0, help="Seed (--seed); None: torch's global generator."
-    ).tag(config=True)
-    device = CaselessStrEnum(
-        list(_DEVICES), default_value="cpu", help="Device: cpu, cuda or auto (--device)."
-    ).tag(config=True)
-    dtype = Unicode("float32", help="Floating dtype: float32 or float64 (--dtype).").tag(
-        config=True
-    )
+    dtype = Unicode("float32", help="Floating dtype: float32 or float64 (--dtype).").tag(config=True)
 
     @validate("dtype")
     def _valid_dtype(self, proposal: Any) -> str:
@@ -372,9 +358,9 @@ class StorchMagics(Magics):
         """The parsed ``Story`` for this cell text (a small LRU cache)."""
         story = self._stories.get(text)
         if story is None:
-            import storch_nb
+            from ..api import Story
 
-            story = storch_nb.Story(text)
+            story = Story(text)
             self._stories[text] = story
             while len(self._stories) > STORY_CACHE_SIZE:
                 self._stories.popitem(last=False)
@@ -405,50 +391,78 @@ class StorchMagics(Magics):
     @magic_arguments("%storch")
     @argument_group("What to estimate")
     @argument(
-        "-n", "--samples", type=_samples_type, default=None, metavar="N",
+        "-n",
+        "--samples",
+        type=_samples_type,
+        default=None,
+        metavar="N",
         help="Monte Carlo samples per estimate (default: StorchMagics.samples, 1000).",
     )
     @argument(
-        "-e", "--estimator", type=_estimator_type, default=None, metavar="EST",
+        "-e",
+        "--estimator",
+        type=_estimator_type,
+        default=None,
+        metavar="EST",
         help="Estimator for the sites without `using`: text as after `using` "
         "(e.g. score, rloo, \"score(baseline='rloo')\") or a mapping "
         "\"{'site': 'EST', ...}\" (default: StorchMagics.estimator, auto).",
     )
     @argument(
-        "-r", "--runs", type=_runs_type, default=None, metavar="R",
+        "-r",
+        "--runs",
+        type=_runs_type,
+        default=None,
+        metavar="R",
         help="Independent repetitions of the estimate; with R > 1 the table shows the "
         "mean over runs and the std across runs (default: StorchMagics.runs, 1).",
     )
     @argument(
-        "--seed", type=_seed_type, default=None, metavar="S",
-        help="Seed for a reproducible cell, or none for torch's global generator "
-        "(default: StorchMagics.seed, none).",
+        "--seed",
+        type=_seed_type,
+        default=None,
+        metavar="S",
+        help="Seed for a reproducible cell, or none for torch's global generator (default: StorchMagics.seed, none).",
     )
     @argument(
-        "--device", type=_device_type, default=None, metavar="D",
+        "--device",
+        type=_device_type,
+        default=None,
+        metavar="D",
         help="cpu, cuda or auto (default: StorchMagics.device, cpu).",
     )
     @argument(
-        "--dtype", type=_dtype_type, default=None, metavar="T",
+        "--dtype",
+        type=_dtype_type,
+        default=None,
+        metavar="T",
         help="float32 or float64 (default: StorchMagics.dtype, float32).",
     )
     @argument_group("What to show and keep")
     @argument(
-        "--grad", type=_names_type, default=None, metavar="NAMES",
+        "--grad",
+        type=_names_type,
+        default=None,
+        metavar="NAMES",
         help="Show only these parameters (comma-separated, e.g. --grad b,c).",
     )
     @argument(
-        "--out", type=_out_type, default=None, metavar="NAME",
-        help="Store the Result (with --compare: the comparison) in the notebook "
-        "namespace as NAME.",
+        "--out",
+        type=_out_type,
+        default=None,
+        metavar="NAME",
+        help="Store the Result (with --compare: the comparison) in the notebook namespace as NAME.",
     )
     @argument(
-        "--exact", action="store_true",
-        help="Also show the exact cost and gradients, by enumerating the story "
-        "(when every site has a finite support).",
+        "--exact",
+        action="store_true",
+        help="Also show the exact cost and gradients, by enumerating the story (when every site has a finite support).",
     )
     @argument(
-        "--compare", type=_compare_type, default=None, metavar="EST,EST,...",
+        "--compare",
+        type=_compare_type,
+        default=None,
+        metavar="EST,EST,...",
         help="Compare these estimators: run each --runs times (100 when neither --runs "
         "nor a configured default above 1 is given) and show mean, std, variance and "
         "bias per parameter instead of a single estimate.",
@@ -488,36 +502,42 @@ class StorchMagics(Magics):
                 if args.runs is None:
                     runs = self.runs if self.runs > 1 else COMPARE_RUNS
                 outcome: Any = story.compare(
-                    args.compare, samples=samples, runs=runs, seed=seed,
-                    namespace=ns, device=device, dtype=dtype,
+                    args.compare,
+                    samples=samples,
+                    runs=runs,
+                    seed=seed,
+                    namespace=ns,
+                    device=device,
+                    dtype=dtype,
                 )
                 params = [r.get("param") for r in outcome.table]
             else:
                 outcome = story.run(
-                    samples=samples, estimator=estimator, seed=seed, device=device,
-                    runs=runs, namespace=ns, dtype=dtype, stderr=True,
+                    samples=samples,
+                    estimator=estimator,
+                    seed=seed,
+                    device=device,
+                    runs=runs,
+                    namespace=ns,
+                    dtype=dtype,
+                    stderr=True,
                 )
                 params = list(outcome.grads)
             exact = None
             if args.exact and not (args.compare is not None and outcome.reference is not None):
-                import storch_nb
-
                 try:
                     exact = story.exact(namespace=ns)
-                except storch_nb.StoryError as err:
+                except StoryError as err:
                     notes.append(f"exact: not available ({err.message})")
-        except Exception as err:
-            if hasattr(err, "line_offset") and hasattr(err, "_render_traceback_"):
-                err.line_offset = 1
+        except StoryError as err:
+            err.line_offset = 1  # the %%storch line is line 1 of the cell
             raise
 
         if args.grad is not None:
-            unknown = [g for g in args.grad if g not in params]
+            unknown = [g for g in args.grad if not any(p == g or p.startswith(g + "[") for p in params)]
             if unknown:
                 known = ", ".join(dict.fromkeys(params)) or "(none)"
-                raise UsageError(
-                    f"--grad: no parameter named {', '.join(unknown)}; the parameters are {known}"
-                )
+                raise UsageError(f"--grad: no parameter named {', '.join(unknown)}; the parameters are {known}")
 
         # only now, after everything worked, touch the namespace
         if args.out is not None:
@@ -533,20 +553,29 @@ class StorchMagics(Magics):
     # -- %storch --------------------------------------------------------------
 
     @magic_arguments("storch")
-    @argument("-n", "--samples", type=_samples_type, default=None, metavar="N",
-              help="Default Monte Carlo samples per estimate.")
-    @argument("-e", "--estimator", type=_estimator_type, default=None, metavar="EST",
-              help="Default estimator for the sites without `using`.")
-    @argument("-r", "--runs", type=_runs_type, default=None, metavar="R",
-              help="Default number of independent runs.")
-    @argument("--seed", type=_seed_type, default=None, metavar="S",
-              help="Default seed (none: torch's global generator).")
-    @argument("--device", type=_device_type, default=None, metavar="D",
-              help="Default device: cpu, cuda or auto.")
-    @argument("--dtype", type=_dtype_type, default=None, metavar="T",
-              help="Default dtype: float32 or float64.")
-    @argument("--reset", action="store_true",
-              help="Restore the built-in defaults (before applying the other options).")
+    @argument(
+        "-n",
+        "--samples",
+        type=_samples_type,
+        default=None,
+        metavar="N",
+        help="Default Monte Carlo samples per estimate.",
+    )
+    @argument(
+        "-e",
+        "--estimator",
+        type=_estimator_type,
+        default=None,
+        metavar="EST",
+        help="Default estimator for the sites without `using`.",
+    )
+    @argument("-r", "--runs", type=_runs_type, default=None, metavar="R", help="Default number of independent runs.")
+    @argument(
+        "--seed", type=_seed_type, default=None, metavar="S", help="Default seed (none: torch's global generator)."
+    )
+    @argument("--device", type=_device_type, default=None, metavar="D", help="Default device: cpu, cuda or auto.")
+    @argument("--dtype", type=_dtype_type, default=None, metavar="T", help="Default dtype: float32 or float64.")
+    @argument("--reset", action="store_true", help="Restore the built-in defaults (before applying the other options).")
     @line_magic("storch")
     def storch_line(self, line: str) -> None:
         """Show or set the defaults of %%storch.

@@ -78,10 +78,20 @@ def _rewrite(text: str, lines: tuple[str, ...]):
     Returns the Python source, the ``using`` texts by line, and the edits made
     (row -> list of (col, removed length, inserted length)) to map columns back.
     """
+    tokens: list[tokenize.TokenInfo] = []
+    opened: list[tokenize.TokenInfo] = []  # brackets not closed yet
     try:
-        tokens = list(tokenize.generate_tokens(io.StringIO(text).readline))
+        for tok in tokenize.generate_tokens(io.StringIO(text).readline):
+            tokens.append(tok)
+            if tok.type == tokenize.OP and tok.string in "([{":
+                opened.append(tok)
+            elif tok.type == tokenize.OP and tok.string in ")]}" and opened:
+                opened.pop()
     except tokenize.TokenError as exc:
         msg, (row, col) = exc.args
+        if "multi-line" in msg and opened:
+            row, col = opened[-1].start
+            msg = f"this `{opened[-1].string}` is never closed"
         row = min(row, len(lines)) or 1
         raise StorySyntaxError(
             "a bracket is never closed" if "multi-line" in msg else msg,
