@@ -417,7 +417,8 @@ class Story:
             total, used, ex = self._pass(plan, leaves, 1, 1, dev, dt, max_outcomes)
         except EstimatorError as exc:
             raise StoryError(
-                "exact() needs every site to have a finite support: " + exc.message.split(": ", 1)[-1],
+                "exact() needs every site to have a finite support, but "
+                + exc.message.split("does not fit ", 1)[-1].replace(": it has no finite support", " has none"),
                 lineno=exc.lineno,
                 line=exc.line,
                 hint="exact() works for discrete stories (Bernoulli, Categorical, ...); use run() for continuous ones",

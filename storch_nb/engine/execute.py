@@ -42,9 +42,10 @@ class Execution:
             self.kinds.append("mean")
         self.sizes[op.plate] = size
         self.kinds[op.plate] = kind
-        total = 1
-        for s in self.sizes:
-            total *= s
+        total = 1  # joint outcomes of the enumerated sites (samples and runs do not count)
+        for s, k in zip(self.sizes, self.kinds):
+            if k == "sum":
+                total *= s
         if kind == "sum" and total > self.max_outcomes:
             raise StoryError(
                 f"enumerating site `{op.node}` makes {total:,} joint outcomes, over the budget of {self.max_outcomes:,}",
