@@ -237,6 +237,7 @@ class Story:
         dtype,
         max_outcomes: int = 10**6,
         per_sample: bool = False,
+        first_order: bool = False,
     ):
         """One vectorized pass: returns (surrogate per run, leaves as used)."""
         used = leaves
@@ -247,7 +248,7 @@ class Story:
         sizes = [runs, samples] if plan.run_dim else [samples]
         ex = execute(plan, env, sizes, dtype, device, validate=not plan.validated, max_outcomes=max_outcomes)
         keep = 1 if plan.run_dim else 0
-        total = _surrogate.build(ex, self._state, keep, stop=keep + 1 if per_sample else keep)
+        total = _surrogate.build(ex, self._state, keep, stop=keep + 1 if per_sample else keep, first_order=first_order)
         plan.validated = True
         return total, used, ex
 
@@ -285,7 +286,7 @@ class Story:
                 return self._run_modules(ns, default, per_site, samples, runs, dev, dt, t0, max_outcomes)
             leaves = self._leaves(probe, ns, dev, dt)
             per_sample = stderr and not run_dim
-            total, used, ex = self._pass(probe, leaves, samples, runs, dev, dt, max_outcomes, per_sample)
+            total, used, ex = self._pass(probe, leaves, samples, runs, dev, dt, max_outcomes, per_sample, True)
             cost_se = None
             if per_sample:
                 terms = total.detach()
