@@ -42,9 +42,18 @@ __all__ = [
     "register_estimator",
     "Graph",
     "Node",
+    "lab",
     "load_ipython_extension",
     "unload_ipython_extension",
 ]
+
+
+def lab(story, namespace=None, samples: int = 100, runs: int = 200, **options):
+    """The interactive estimator lab (ipywidgets): see :mod:`storch_nb.notebook.lab`.
+    Imports ipywidgets and matplotlib on first use only."""
+    from .notebook.lab import lab as _lab
+
+    return _lab(story, namespace=namespace, samples=samples, runs=runs, **options)
 
 
 def load_ipython_extension(ipython) -> None:

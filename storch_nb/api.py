@@ -490,6 +490,35 @@ class Story:
         self.reset_state()
         return Comparison(table=table, results=results, reference=reference, samples=samples, runs=runs)
 
+    def train(
+        self,
+        steps: int = 500,
+        lr: float = 0.05,
+        estimator: str | Mapping[str, str] | None = "auto",
+        optimizer: str = "adam",
+        samples: int = 100,
+        seed: int | None = None,
+        namespace: Mapping[str, Any] | None = None,
+        device: str | torch.device | None = "cpu",
+        dtype: torch.dtype | str | None = None,
+        callback: Any = None,
+    ):
+        """Optimise the story's parameters (and those of namespace tensors and
+        modules it uses) by gradient descent on the estimated gradient.
+        Returns a ``History`` (``.cost``: per-step cost estimates, ``.params``:
+        final values). See :mod:`storch_nb.engine.train`."""
+        from .engine.train import train
+
+        return train(self, steps=steps, lr=lr, estimator=estimator, optimizer=optimizer, samples=samples,
+                     seed=seed, namespace=namespace, device=device, dtype=dtype, callback=callback)
+
+    def draw(self, ax: Any = None):
+        """The graph as a matplotlib Figure: rectangles for deterministic steps,
+        ellipses for stochastic ones (imports matplotlib on first use)."""
+        from .notebook.draw import draw_graph
+
+        return draw_graph(self.graph, ax=ax)
+
     def reset_state(self) -> None:
         """Clear estimator state only (moving averages), keeping parameters."""
         self._state.clear()
