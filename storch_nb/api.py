@@ -246,7 +246,8 @@ class Story:
             used = {k: v.detach().unsqueeze(0).expand((n,) + v.shape).clone().requires_grad_(True) for k, v in leaves.items()}
         env = dict(used)
         sizes = [runs, samples] if plan.run_dim else [samples]
-        ex = execute(plan, env, sizes, dtype, device, validate=not plan.validated, max_outcomes=max_outcomes)
+        ex = execute(plan, env, sizes, dtype, device, validate=not plan.validated, max_outcomes=max_outcomes,
+                     state=self._state)
         keep = 1 if plan.run_dim else 0
         total = _surrogate.build(ex, self._state, keep, stop=keep + 1 if per_sample else keep, first_order=first_order)
         plan.validated = True
@@ -297,10 +298,14 @@ class Story:
             inputs = list(used.values())
             mod_params = _module_params(probe)
             inputs += [p for _, p in mod_params]
+            trainable = [(node, est) for node, (_, est, _) in ex.sites.items() if est.trainable]
             if inputs and total.requires_grad:
-                gs = torch.autograd.grad(total if total.dim() == 0 else total.sum(), inputs, allow_unused=True)
+                gs = torch.autograd.grad(total if total.dim() == 0 else total.sum(), inputs, allow_unused=True,
+                                         create_graph=bool(trainable))
             else:
                 gs = [None] * len(inputs)
+            if trainable:
+                gs = self._train_control_variates(trainable, gs)
         grads = {}
         for name, g, x in zip(names + [n for n, _ in mod_params], gs, inputs):
             grads[name] = torch.zeros_like(x) if g is None else g
@@ -335,6 +340,25 @@ class Story:
             cost_stderr=cost_se,
             costs=costs,
         )
+
+    def _train_control_variates(self, trainable, gs):
+        """One variance-minimising step for the estimators' control variates
+        (RELAX, REBAR): the gradient of sum(g^2) is that of the variance of g,
+        because E[g] does not depend on them. Returns the gradients, detached."""
+        owners, cv_params = [], []
+        for node, est in trainable:
+            st = self._state.get((node, "estimator"), {})
+            ps = est.cv_parameters(st)
+            owners.append((est, st, len(ps)))
+            cv_params += ps
+        proxy = sum((g**2).sum() for g in gs if g is not None and g.requires_grad)
+        if cv_params and isinstance(proxy, torch.Tensor) and proxy.requires_grad:
+            cv_grads = torch.autograd.grad(proxy, cv_params, allow_unused=True)
+            i = 0
+            for est, st, k in owners:
+                est.cv_step(st, list(cv_grads[i : i + k]))
+                i += k
+        return [None if g is None else g.detach() for g in gs]
 
     def _run_modules(self, ns, default, per_site, samples, runs, dev, dt, t0, max_outcomes) -> Result:
         """Stories that call ``nn.Module``s: one pass per run (module weights are not batched).

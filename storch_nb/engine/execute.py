@@ -13,9 +13,12 @@ from .plan import Plan, SiteOp
 class Execution:
     """The state of one pass: the values, the batch sizes and what each site and cost left."""
 
-    __slots__ = ("env", "sizes", "kinds", "sites", "costs", "validate", "dtype", "device", "plan", "max_outcomes", "_auto")
+    __slots__ = ("env", "sizes", "kinds", "sites", "costs", "validate", "dtype", "device", "plan", "max_outcomes", "_auto",
+                 "state")
 
-    def __init__(self, plan: Plan, env: dict, sizes: list[int], dtype, device, validate: bool, max_outcomes: int = 10**6):
+    def __init__(self, plan: Plan, env: dict, sizes: list[int], dtype, device, validate: bool, max_outcomes: int = 10**6,
+                 state: dict | None = None):
+        self.state = state if state is not None else {}
         self.plan = plan
         self.env = env
         self.sizes = sizes  # full size of each batch dim: [runs?], samples, plates...
@@ -52,6 +55,24 @@ class Execution:
                 hint="raise max_outcomes, or use a sampling estimator for some sites",
             )
 
+    def plated_site(self, op: SiteOp, dist: Distribution, est: Estimator):
+        """Variants of the site along its own plate, drawn by the estimator."""
+        size = est.plate_size(dist)
+        self.new_plate(op, size, "mean")
+        base = tuple(self.sizes[d] if d in op.dims and d != op.plate else 1 for d in range(op.rank))
+        own = tuple(dist.batch_shape[op.rank :]) if op.arg_rank else tuple(dist.batch_shape)
+        if tuple(dist.batch_shape) != base + own:
+            dist = dist.expand(base + own)
+        key = (op.node, "estimator")
+        state = self.state.setdefault(key, {})
+        runs = self.sizes[0] if self.plan.run_dim else None
+        if state.get("runs", 0) != runs:  # control variates are per run: start afresh
+            state.clear()
+            state["runs"] = runs
+        value, aux = est.sample_variants(dist, op.plate, size, state)
+        self.kinds[op.plate] = PlateReducer(op.node, est, aux)
+        return value, aux
+
     def enumerate_site(self, op: SiteOp, dist: Distribution, est: Estimator):
         """All outcomes of the site's own entries, jointly, along its plate."""
         nb_total = len(dist.batch_shape)
@@ -85,9 +106,22 @@ class Execution:
         return value, lp
 
 
-def execute(plan: Plan, env: dict, sizes: list[int], dtype, device, validate: bool, max_outcomes: int = 10**6) -> Execution:
+class PlateReducer:
+    """The reduction of a plated estimator's variant plate (a ``kinds`` entry)."""
+
+    __slots__ = ("node", "est", "aux")
+
+    def __init__(self, node: str, est: Estimator, aux) -> None:
+        self.node, self.est, self.aux = node, est, aux
+
+    def __call__(self, term: torch.Tensor, dim: int) -> torch.Tensor:
+        return self.est.reduce_plate(term, dim, self.aux)
+
+
+def execute(plan: Plan, env: dict, sizes: list[int], dtype, device, validate: bool, max_outcomes: int = 10**6,
+            state: dict | None = None) -> Execution:
     """Run every op of the plan; convert errors to StoryErrors that name the line."""
-    ex = Execution(plan, env, sizes, dtype, device, validate, max_outcomes)
+    ex = Execution(plan, env, sizes, dtype, device, validate, max_outcomes, state)
     for op in plan.ops:
         try:
             op.run(ex)

@@ -222,6 +222,11 @@ class SiteOp:
             ex.env[self.var] = value
             ex.sites[self.node] = (self, est, weight)
             return
+        if est.plated:
+            value, aux = ex.plated_site(self, dist, est)
+            ex.env[self.var] = value
+            ex.sites[self.node] = (self, est, aux)
+            return
         if self.plate is not None:
             ex.new_plate(self, est.n, "mean")
         sizes = ex.sizes
@@ -572,7 +577,7 @@ class Planner:
         for f in (*args, *(f for _, f in kwargs)):
             dims |= f.dims
         plate = None
-        new_plate = est is not None and (est.enumerates or est.n is not None)
+        new_plate = est is not None and (est.enumerates or est.plated or est.n is not None)
         if new_plate:
             plate = self.base_rank + self.n_plates
             self.n_plates += 1

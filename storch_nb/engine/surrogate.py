@@ -68,16 +68,22 @@ def build(ex: Execution, state: dict, keep: int, stop: int | None = None, first_
     updates = []
     kinds = ex.kinds
 
-    all_mean = "sum" not in kinds
+    all_mean = all(kd == "mean" for kd in kinds)
 
-    def reduce(term: torch.Tensor, k: int) -> torch.Tensor:
+    def reduce(term: torch.Tensor, k: int, upstream: tuple[str, ...]) -> torch.Tensor:
         # average the cost's own entries, then reduce the batch dims
         if all_mean and stop == 0:
             return term.mean()
         if k:
             term = term.mean(tuple(range(term.dim() - k, term.dim())))
         for d in range(term.dim() - 1, stop - 1, -1):
-            term = term.sum(d) if kinds[d] == "sum" else term.mean(d)
+            kd = kinds[d]
+            if kd == "sum":
+                term = term.sum(d)
+            elif kd == "mean" or kd.node not in upstream:
+                term = term.mean(d)
+            else:  # a plated estimator's variants: the estimator reduces them
+                term = kd(term, d)
         return term
 
     for op, c in ex.costs:
@@ -143,9 +149,9 @@ def build(ex: Execution, state: dict, keep: int, stop: int | None = None, first_
             term = c
         if weights is not None:
             term = term * torch.exp(weights)
-        term = reduce(term, k)
+        term = reduce(term, k, op.sites)
         if extra is not None:
-            term = term + reduce(extra, k)
+            term = term + reduce(extra, k, op.sites)
         total = term if total is None else total + term
     for est, signal, dim, st in updates:
         est.update(signal, dim, st)

@@ -59,6 +59,13 @@ class Estimator:
     reparameterized: ClassVar[bool] = False
     scored: ClassVar[bool] = False
     enumerates: ClassVar[bool] = False
+    #: the site evaluates the rest of the story at several values of its own
+    #: (a plate of "variants": antithetic pairs, relaxations, ...) and reduces
+    #: that plate itself with :meth:`reduce_plate`
+    plated: ClassVar[bool] = False
+    #: the estimator has control-variate parameters that the engine trains to
+    #: minimise the variance of the gradient estimate (see :meth:`cv_parameters`)
+    trainable: ClassVar[bool] = False
     #: accepted keyword options and their defaults (``n`` is always accepted)
     options: ClassVar[dict[str, Any]] = {}
 
@@ -112,6 +119,41 @@ class Estimator:
         if self.reparameterized:
             return dist.rsample(sample_shape)
         return dist.sample(sample_shape)
+
+    # ---------------------------------------------------- plated estimators
+    def plate_size(self, dist: Distribution) -> int:
+        """How many variants the site evaluates per particle (``plated`` estimators)."""
+        raise NotImplementedError
+
+    def sample_variants(self, dist: Distribution, dim: int, size: int, state: dict) -> tuple[torch.Tensor, Any]:
+        """Draw the site's variants.
+
+        ``dist`` has batch shape ``batch + own`` where ``batch`` has size 1 at
+        ``dim``; return the value with ``size`` variants along ``dim`` (shape
+        ``batch`` with ``dim`` set to ``size``, then own and event dims) and
+        anything :meth:`reduce_plate` needs (``aux``). ``state`` is this site's
+        estimator state on the Story (control variates live there).
+        """
+        raise NotImplementedError
+
+    def reduce_plate(self, term: torch.Tensor, dim: int, aux: Any) -> torch.Tensor:
+        """Reduce a downstream cost term over the site's variant plate ``dim``.
+
+        ``term`` holds the cost (one entry per batch position; its own entries
+        already averaged; dims after ``dim`` already reduced). Return a tensor
+        without ``dim`` whose value is the cost estimate and whose first
+        derivative is this estimator's gradient estimate.
+        """
+        raise NotImplementedError
+
+    def cv_parameters(self, state: dict) -> list[torch.Tensor]:
+        """Control-variate parameters to train (``trainable`` estimators)."""
+        return []
+
+    def cv_step(self, state: dict, grads: list[torch.Tensor | None]) -> None:
+        """Apply one optimisation step to the control-variate parameters, given
+        the gradients of the estimator's variance proxy (sum of squared gradient
+        estimates) with respect to them."""
 
     # ------------------------------------------------------------ baselines
     def baseline(self, signal: torch.Tensor, dim: int, state: dict) -> torch.Tensor | None:
