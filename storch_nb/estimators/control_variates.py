@@ -112,7 +112,7 @@ class _Relaxed(Estimator):
         return None
 
     def reduce_plate(self, term: torch.Tensor, dim: int, aux: Any) -> torch.Tensor:
-        state, cv, own = aux["state"], aux["cv"], aux["own"]
+        state, cv = aux["state"], aux["cv"]
         f = plate_select(term, dim, 0)
         c_z, c_cond = plate_select(term, dim, 1), plate_select(term, dim, 2)
         eta = cv["eta"] if state.get("runs") is None else cv["eta"].reshape((-1,) + (1,) * (f.dim() - 1))
@@ -158,4 +158,4 @@ class RELAX(_Relaxed):
         return site_sum(val, dim)
 
 
-__all__ = ["REBAR", "RELAX", "to_site_shape"]
+__all__ = ["REBAR", "RELAX"]
