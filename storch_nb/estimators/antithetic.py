@@ -27,30 +27,7 @@ from typing import Any
 import torch
 from torch.distributions import Bernoulli, Distribution
 
-from .base import Estimator, register_estimator
-
-
-def plate_select(t: torch.Tensor, dim: int, i: int) -> torch.Tensor:
-    """Variant ``i`` of ``t`` along the plate ``dim`` (the dim removed)."""
-    return t.select(dim, i)
-
-
-def to_site_shape(f: torch.Tensor, like: torch.Tensor, dim: int) -> torch.Tensor:
-    """View a reduced cost (batch dims before ``dim``) against a site tensor
-    (batch dims through ``dim``, then own dims)."""
-    return f.reshape(f.shape + (1,) * (like.dim() - f.dim()))
-
-
-def site_sum(x: torch.Tensor, dim: int) -> torch.Tensor:
-    """Sum a site tensor over its own dims and drop the (size-1) plate ``dim``."""
-    if x.dim() > dim + 1:
-        x = x.sum(tuple(range(dim + 1, x.dim())))
-    return x.squeeze(dim)
-
-
-def first_order(x: torch.Tensor) -> torch.Tensor:
-    """``x - stop_grad(x)``: value zero, gradient that of ``x``."""
-    return x - x.detach()
+from .base import Estimator, first_order, plate_select, register_estimator, site_sum, to_site_shape
 
 
 class _Antithetic(Estimator):

@@ -38,6 +38,10 @@ __all__ = [
     "estimators",
     "make_estimator",
     "parse_spec",
+    "plate_select",
+    "to_site_shape",
+    "site_sum",
+    "first_order",
 ]
 
 _REGISTRY: dict[str, type[Estimator]] = {}
@@ -168,6 +172,30 @@ class Estimator:
 
     def update(self, signal: torch.Tensor, dim: int, state: dict) -> None:
         """Update estimator state after the current estimate has used it."""
+
+
+# ------------------------------------------------ helpers for plated estimators
+def plate_select(t: torch.Tensor, dim: int, i: int) -> torch.Tensor:
+    """Variant ``i`` of ``t`` along the plate ``dim`` (the dim removed)."""
+    return t.select(dim, i)
+
+
+def to_site_shape(f: torch.Tensor, like: torch.Tensor, dim: int) -> torch.Tensor:
+    """View a reduced cost (batch dims before ``dim``) against a site tensor
+    (batch dims through ``dim``, then own dims)."""
+    return f.reshape(f.shape + (1,) * (like.dim() - f.dim()))
+
+
+def site_sum(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """Sum a site tensor over its own dims and drop the (size-1) plate ``dim``."""
+    if x.dim() > dim + 1:
+        x = x.sum(tuple(range(dim + 1, x.dim())))
+    return x.squeeze(dim)
+
+
+def first_order(x: torch.Tensor) -> torch.Tensor:
+    """``x - stop_grad(x)``: value zero, gradient that of ``x``."""
+    return x - x.detach()
 
 
 def register_estimator(name: str, *aliases: str) -> Callable[[type[Estimator]], type[Estimator]]:

@@ -39,8 +39,7 @@ import torch
 from torch.distributions import Bernoulli, Distribution
 
 from ..errors import EstimatorError
-from .antithetic import first_order, plate_select, site_sum, to_site_shape
-from .base import Estimator, register_estimator
+from .base import Estimator, first_order, plate_select, register_estimator, site_sum
 
 
 def _per_run(p: torch.Tensor, state: dict, dim: int, own: int) -> torch.Tensor:
