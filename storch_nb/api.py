@@ -23,7 +23,7 @@ from .story.statements import Assign, Cost, Loop, Param, Site
 __all__ = ["Story"]
 
 _MISSING = object()
-_NO_NAMESPACE: dict = {}
+_EMPTY: dict = {}
 _DTYPES = {"float32": torch.float32, "float64": torch.float64, "float": torch.float32, "double": torch.float64,
            "float16": torch.float16, "bfloat16": torch.bfloat16, "half": torch.float16}  # fmt: skip
 
@@ -209,10 +209,10 @@ class Story:
     @staticmethod
     def _estimator_spec(estimator: Any) -> tuple[str, dict[str, str]]:
         if estimator is None:
-            return "auto", _NO_NAMESPACE
+            return "auto", _EMPTY
         if isinstance(estimator, str):
             parse_spec(estimator)  # validate now, with a clear error
-            return estimator, _NO_NAMESPACE
+            return estimator, _EMPTY
         if isinstance(estimator, Mapping):
             per = {}
             for k, v in estimator.items():
@@ -278,7 +278,7 @@ class Story:
         runs = _positive_int("runs", runs)
         dev = _device(device)
         dt = _dtype(dtype)
-        ns = namespace if namespace is not None else _NO_NAMESPACE
+        ns = namespace if namespace is not None else _EMPTY
         default, per_site = self._estimator_spec(estimator)
         run_dim = runs > 1
         with _Seeded(seed, dev):
@@ -422,7 +422,7 @@ class Story:
         for higher orders) is the estimator's gradient."""
         samples = _positive_int("samples", samples)
         dev, dt = _device(device), _dtype(dtype)
-        ns = namespace if namespace is not None else _NO_NAMESPACE
+        ns = namespace if namespace is not None else _EMPTY
         default, per_site = self._estimator_spec(estimator)
         with _Seeded(seed, dev):
             plan = self._plan(ns, default, per_site, False, False, dev, dt)
@@ -435,7 +435,7 @@ class Story:
         """Exact cost and gradients, by summing over the joint finite support of every site."""
         t0 = time.perf_counter()
         dev, dt = _device(device), _dtype(dtype)
-        ns = namespace if namespace is not None else _NO_NAMESPACE
+        ns = namespace if namespace is not None else _EMPTY
         try:
             plan = self._plan(ns, "enumerate", {}, False, False, dev, dt, override="enumerate")
             leaves = self._leaves(plan, ns, dev, dt)
