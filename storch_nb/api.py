@@ -326,20 +326,7 @@ class Story:
             cost_se = costs.std().item() / math.sqrt(runs)
         else:
             cost = costs.item()
-        return Result(
-            grads=grads,
-            cost=cost,
-            params={**leaves, **dict(mod_params)},
-            estimators={k: v[1].text() for k, v in ex.sites.items()},
-            samples=samples,
-            runs=runs,
-            device=str(dev),
-            seconds=time.perf_counter() - t0,
-            dtype=dt,
-            stderr=err,
-            cost_stderr=cost_se,
-            costs=costs,
-        )
+        return _result(grads, cost, cost_se, err, costs, leaves, mod_params, ex, samples, runs, dev, dt, t0)
 
     def _train_control_variates(self, trainable, gs):
         """One variance-minimising step for the estimators' control variates
@@ -393,20 +380,11 @@ class Story:
             err = None
         else:
             err = {k: g.std(0) / math.sqrt(runs) for k, g in grads.items()}
-        return Result(
-            grads=grads,
-            cost=c.mean().item(),
-            params={**leaves, **dict(mod_params)},
-            estimators={k: v[1].text() for k, v in ex.sites.items()},
-            samples=samples,
-            runs=runs,
-            device=str(dev),
-            seconds=time.perf_counter() - t0,
-            dtype=dt,
-            stderr=err,
-            cost_stderr=c.std().item() / math.sqrt(runs) if runs > 1 else (cost_se if batches > 1 else None),
-            costs=c,
-        )
+        if runs > 1:
+            cost_se = c.std().item() / math.sqrt(runs)
+        elif batches == 1:
+            cost_se = None
+        return _result(grads, c.mean().item(), cost_se, err, c, leaves, mod_params, ex, samples, runs, dev, dt, t0)
 
     def surrogate(
         self,
@@ -546,6 +524,23 @@ class Story:
     def reset_state(self) -> None:
         """Clear estimator state only (moving averages), keeping parameters."""
         self._state.clear()
+
+
+def _result(grads, cost, cost_se, err, costs, leaves, mod_params, ex, samples, runs, dev, dt, t0) -> Result:
+    return Result(
+        grads=grads,
+        cost=cost,
+        params={**leaves, **dict(mod_params)} if mod_params else dict(leaves),
+        estimators={k: v[1].text() for k, v in ex.sites.items()},
+        samples=samples,
+        runs=runs,
+        device=str(dev),
+        seconds=time.perf_counter() - t0,
+        dtype=dt,
+        stderr=err,
+        cost_stderr=cost_se,
+        costs=costs,
+    )
 
 
 def _is_known(name: str) -> bool:

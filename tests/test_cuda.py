@@ -9,20 +9,12 @@ import math
 
 import pytest
 import torch
+from conftest import SEED_STORY
 
 import storch_nb as sn
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
-SEED_STORY = """
-a = param(1.0)
-b = param(2.0)
-c = param(0.5)
-d = a + b
-e ~ Normal(c + b, 1)
-f = d * e**2
-cost f
-"""
 TRUE = {"a": 7.25, "b": 22.25, "c": 15.0}
 
 
