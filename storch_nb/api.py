@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from .engine import surrogate as _surrogate
+from .engine.diagnose import check_finite
 from .engine.execute import execute
 from .engine.plan import Plan, Planner
 from .engine.result import Comparison, Result
@@ -326,6 +327,7 @@ class Story:
             cost_se = costs.std().item() / math.sqrt(runs)
         else:
             cost = costs.item()
+        check_finite(cost, grads, ex)
         return _result(grads, cost, cost_se, err, costs, leaves, mod_params, ex, samples, runs, dev, dt, t0)
 
     def _train_control_variates(self, trainable, gs):
@@ -384,6 +386,7 @@ class Story:
             cost_se = c.std().item() / math.sqrt(runs)
         elif batches == 1:
             cost_se = None
+        check_finite(c.mean().item(), grads, ex)
         return _result(grads, c.mean().item(), cost_se, err, c, leaves, mod_params, ex, samples, runs, dev, dt, t0)
 
     def surrogate(
@@ -431,6 +434,7 @@ class Story:
         inputs = list(used.values()) + [p for _, p in mod_params]
         gs = torch.autograd.grad(total, inputs, allow_unused=True) if inputs and total.requires_grad else [None] * len(inputs)
         grads = {n: torch.zeros_like(x) if g is None else g for n, g, x in zip(names, gs, inputs)}
+        check_finite(total.item(), grads, ex)
         return Result(
             grads=grads,
             cost=total.item(),

@@ -1,0 +1,51 @@
+"""Finding where NaN or infinite values came from, so that they are reported
+with the story line that produced them instead of being averaged silently."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..errors import StoryError
+from .plan import CostOp, SiteOp, StepOp
+
+
+def _bad(v) -> bool:
+    return isinstance(v, torch.Tensor) and v.is_floating_point() and not bool(torch.isfinite(v.detach()).all())
+
+
+def check_finite(cost: float, grads: dict[str, torch.Tensor], ex) -> None:
+    """Raise a StoryError naming the first step, site or cost with NaN/inf values
+    when the cost estimate or a gradient is not finite. Costs ~1 us per parameter."""
+    total = 0.0
+    for g in grads.values():
+        total += float(g) if g.dim() == 0 else float(g.sum())
+    if math.isfinite(cost) and math.isfinite(total):
+        return
+    raise locate(ex, grads, math.isfinite(cost))
+
+
+def locate(ex, grads: dict[str, torch.Tensor], cost_ok: bool) -> StoryError:
+    hint = "guard the expression (e.g. clamp before log or sqrt, avoid division by 0), or check parameter values"
+    for op in ex.plan.ops:
+        if isinstance(op, StepOp) and _bad(ex.env.get(op.var)):
+            return StoryError(f"step `{op.node}` produced NaN or infinite values", lineno=op.lineno, line=op.line, hint=hint)
+        if isinstance(op, SiteOp):
+            rec = ex.sites.get(op.node)
+            if rec is not None and _bad(ex.env.get(op.var)):
+                return StoryError(f"site `{op.node}` drew NaN or infinite values", lineno=op.lineno, line=op.line,
+                                  hint="check the distribution's arguments (they may be NaN or out of range)")
+            if rec is not None and _bad(rec[2]):
+                return StoryError(f"the log-probability of site `{op.node}` is NaN or infinite",
+                                  lineno=op.lineno, line=op.line,
+                                  hint="a value lies outside the distribution's support, or its arguments are degenerate")
+    for op, value in ex.costs:
+        if isinstance(op, CostOp) and _bad(value):
+            return StoryError(f"cost `{op.node}` is NaN or infinite", lineno=op.lineno, line=op.line, hint=hint)
+    bad = [k for k, g in grads.items() if _bad(g)]
+    what = "the cost estimate" if not cost_ok else "the gradient with respect to " + ", ".join(bad or ["a parameter"])
+    return StoryError(
+        f"{what} is NaN or infinite although every value in the story is finite",
+        hint="a derivative is infinite at these values (e.g. sqrt or log at 0, abs at 0 with pow); guard the expression",
+    )
