@@ -265,6 +265,7 @@ class Story:
         dtype: torch.dtype | str | None = None,
         stderr: bool = False,
         max_outcomes: int = 10**6,
+        max_memory: float | None = None,
     ) -> Result:
         """Estimate the gradient of the expected cost.
 
@@ -273,6 +274,15 @@ class Story:
         ``stderr=True`` also gives the standard error of each gradient
         estimate. ``seed`` makes the run reproducible and leaves torch's
         global generator as it was.
+
+        Sample counts whose tensors would not fit in ``max_memory`` bytes
+        (default: 2 GiB on the CPU, half the free memory on a GPU) run in
+        chunks of samples whose estimates are combined with weights
+        ``chunk / samples`` (the same estimator, in bounded memory); where an
+        estimator compares samples with each other (leave-one-out,
+        batch-average or moving-average baselines without ``n``, learned
+        control variates) the run is refused before allocating, with the memory
+        it would need.
         """
         t0 = time.perf_counter()
         samples = _positive_int("samples", samples)
@@ -287,8 +297,20 @@ class Story:
             if probe.modules and (run_dim or stderr):
                 return self._run_modules(ns, default, per_site, samples, runs, dev, dt, t0, max_outcomes)
             leaves = self._leaves(probe, ns, dev, dt)
+            if (samples * runs >= _CHUNK_CHECK or max_memory is not None) and samples > 1:
+                chunk = self._chunk_size(probe, leaves, samples, runs, dev, dt, max_outcomes, max_memory)
+                if chunk < samples:
+                    return self._run_chunked(chunk, samples, estimator, dev, runs, ns, dt, stderr, max_outcomes, t0)
             per_sample = stderr and not run_dim
-            total, used, ex = self._pass(probe, leaves, samples, runs, dev, dt, max_outcomes, per_sample, True)
+            try:
+                total, used, ex = self._pass(probe, leaves, samples, runs, dev, dt, max_outcomes, per_sample, True)
+            except torch.cuda.OutOfMemoryError:
+                if samples < 2:
+                    raise
+                torch.cuda.empty_cache()
+                self._refuse_unless_chunkable(probe, leaves, samples, runs, dev, dt, max_outcomes, None)
+                return self._run_chunked(max(1, samples // 4), samples, estimator, dev, runs, ns, dt, stderr,
+                                         max_outcomes, t0)
             cost_se = None
             if per_sample:
                 terms = total.detach()
@@ -329,6 +351,70 @@ class Story:
             cost = costs.item()
         check_finite(cost, grads, ex)
         return _result(grads, cost, cost_se, err, costs, leaves, mod_params, ex, samples, runs, dev, dt, t0)
+
+    def _probe(self, plan, leaves, runs, dev, dt, max_outcomes) -> tuple[float, Any]:
+        """Bytes per sample of a pass (its tensors, times 3 for what autograd keeps
+        and the backward pass), from a small pass that leaves the RNG and the
+        estimator state as they were."""
+        n = _PROBE_SAMPLES
+        rng = torch.get_rng_state()
+        cuda_rng = torch.cuda.get_rng_state(dev) if dev.type == "cuda" else None
+        saved = {k: dict(v) if isinstance(v, dict) else v for k, v in self._state.items()}
+        try:
+            total, _, ex = self._pass(plan, leaves, n, runs, dev, dt, max_outcomes, False, True)
+            seen: set[int] = set()
+            size = 0
+            tensors = list(ex.env.values()) + [v for _, v in ex.costs] + [rec[2] for rec in ex.sites.values()]
+            for t in tensors:
+                if isinstance(t, torch.Tensor) and id(t) not in seen:
+                    seen.add(id(t))
+                    size += t.numel() * t.element_size()
+            del total
+        finally:
+            torch.set_rng_state(rng)
+            if cuda_rng is not None:
+                torch.cuda.set_rng_state(cuda_rng, dev)
+            self._state.clear()
+            self._state.update(saved)
+        return 3.0 * size / n, ex
+
+    def _chunk_size(self, plan, leaves, samples, runs, dev, dt, max_outcomes, max_memory) -> int:
+        per_sample, ex = self._probe(plan, leaves, runs, dev, dt, max_outcomes)
+        budget = max_memory if max_memory is not None else _default_budget(dev)
+        if per_sample * samples <= budget:
+            return samples
+        _refuse_if_coupled(ex, per_sample * samples, budget, samples)
+        return max(1, int(budget // per_sample))
+
+    def _refuse_unless_chunkable(self, plan, leaves, samples, runs, dev, dt, max_outcomes, budget) -> None:
+        per_sample, ex = self._probe(plan, leaves, runs, dev, dt, max_outcomes)
+        _refuse_if_coupled(ex, per_sample * samples, budget or _default_budget(dev), samples)
+
+    def _run_chunked(self, chunk, samples, estimator, dev, runs, ns, dt, stderr, max_outcomes, t0) -> Result:
+        """The estimate from chunks of samples, each an independent estimate of the
+        same estimator, combined with weights ``chunk / samples``."""
+        parts: list[tuple[float, Result]] = []
+        done = 0
+        while done < samples:
+            n = min(chunk, samples - done)
+            res = self.run(samples=n, estimator=estimator, device=dev, runs=runs, namespace=ns, dtype=dt,
+                           stderr=stderr, max_outcomes=max_outcomes, max_memory=float("inf"))
+            parts.append((n / samples, res))
+            done += n
+        first = parts[0][1]
+        grads = {k: sum(w * r.grads[k] for w, r in parts) for k in first.grads}
+        err = None
+        if runs > 1:
+            err = {k: g.std(0, unbiased=True) / math.sqrt(runs) for k, g in grads.items()}
+        elif stderr and all(r.stderr is not None for _, r in parts):
+            err = {k: torch.sqrt(sum((w * r.stderr[k]) ** 2 for w, r in parts)) for k in first.grads}
+        costs = sum(w * r.costs for w, r in parts)
+        cost_se = None
+        if all(r.cost_stderr is not None for _, r in parts):
+            cost_se = math.sqrt(sum((w * r.cost_stderr) ** 2 for w, r in parts))
+        return Result(grads=grads, cost=float(costs.mean()), params=first.params, estimators=first.estimators,
+                      samples=samples, runs=runs, device=first.device, seconds=time.perf_counter() - t0,
+                      dtype=dt, stderr=err, cost_stderr=cost_se, costs=costs)
 
     def _train_control_variates(self, trainable, gs):
         """One variance-minimising step for the estimators' control variates
@@ -528,6 +614,33 @@ class Story:
     def reset_state(self) -> None:
         """Clear estimator state only (moving averages), keeping parameters."""
         self._state.clear()
+
+
+_CHUNK_CHECK = 1 << 22  # samples x runs from which a run's memory is estimated first
+_PROBE_SAMPLES = 256
+
+
+def _default_budget(dev: torch.device) -> float:
+    if dev.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(dev)
+        return free / 2
+    return float(2 << 30)
+
+
+def _refuse_if_coupled(ex, need: float, budget: float, samples: int) -> None:
+    """Chunks are independent estimates: refuse estimators that compare samples."""
+    coupled = [
+        f"{node} ({est.text()})"
+        for node, (_, est, _) in ex.sites.items()
+        if est.trainable or (est.scored and est.n is None and est.opts.get("baseline") not in (None,))
+    ]
+    if coupled:
+        raise StoryError(
+            f"{samples:,} samples would need about {need / 2**30:.1f} GiB, over the budget of {budget / 2**30:.1f} GiB, "
+            f"and the run cannot be split into chunks because {', '.join(coupled)} compare samples with each other",
+            hint="use fewer samples (or runs > 1 with fewer samples each), the option n=K for the baseline, "
+            "or raise max_memory",
+        )
 
 
 def _result(grads, cost, cost_se, err, costs, leaves, mod_params, ex, samples, runs, dev, dt, t0) -> Result:
