@@ -422,7 +422,7 @@ class Story:
         because E[g] does not depend on them. Returns the gradients, detached."""
         owners, cv_params = [], []
         for node, est in trainable:
-            st = self._state.get((node, "estimator"), {})
+            st = self._state.get((node, "estimator", est.text()), {})
             ps = est.cv_parameters(st)
             owners.append((est, st, len(ps)))
             cv_params += ps

@@ -63,7 +63,7 @@ class Execution:
         own = tuple(dist.batch_shape[op.rank :]) if op.arg_rank else tuple(dist.batch_shape)
         if tuple(dist.batch_shape) != base + own:
             dist = dist.expand(base + own)
-        key = (op.node, "estimator")
+        key = (op.node, "estimator", est.text())  # each estimator keeps its own state per site
         state = self.state.setdefault(key, {})
         runs = self.sizes[0] if self.plan.run_dim else None
         if state.get("runs", 0) != runs:  # control variates are per run: start afresh

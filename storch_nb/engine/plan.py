@@ -608,31 +608,11 @@ class Planner:
             ancestors=tuple(n for n in self.site_ops if n in ancestors),
         )
         if static_dist is not None and est is not None and isinstance(static_dist, type) and issubclass(static_dist, Distribution):
-            _precheck(est, static_dist, name)
+            est.check_class(static_dist, name)  # refuse `pathwise` on Bernoulli before running
         self.site_ops[name] = op
         self.ops.append(op)
         self.scope[st.target] = (name, rank, frozenset(dims))
         self.static.pop(st.target, None)
-
-
-def _precheck(est: Estimator, cls: type, node: str) -> None:
-    """Refuse obvious mismatches (``pathwise`` on ``Bernoulli``) before running."""
-    if est.reparameterized and not cls.has_rsample:
-        from ..estimators.base import suggest
-
-        class _Probe:  # has_rsample / has_enumerate_support as the class says
-            has_rsample = cls.has_rsample
-            has_enumerate_support = cls.has_enumerate_support
-
-        raise EstimatorError(
-            f"estimator `{est.name}` does not fit site `{node}` ({cls.__name__}): it has no reparameterized sampler (rsample)",
-            hint=f"use {suggest(_Probe)} for this site, e.g. `{node.split('[')[0]} ~ {cls.__name__}(...) using score(baseline='rloo')`",
-        )
-    if est.enumerates and not cls.has_enumerate_support:
-        raise EstimatorError(
-            f"estimator `enumerate` does not fit site `{node}` ({cls.__name__}): it has no finite support",
-            hint="use pathwise or score(baseline='rloo') for continuous sites",
-        )
 
 
 def _count_costs(statements) -> int:

@@ -108,13 +108,25 @@ class Estimator:
         """None if the estimator can handle ``dist``; else the reason it cannot."""
         return None
 
+    def fits_class(self, cls: type) -> str | None:
+        """Like :meth:`fits` from the distribution class alone, before the story
+        runs (None where it fits or the class cannot tell)."""
+        return None
+
     def check(self, dist: Distribution, site: str) -> None:
         """Raise :class:`EstimatorError` naming the site when ``dist`` does not fit."""
-        reason = self.fits(dist)
+        self._refuse(self.fits(dist), type(dist), site)
+
+    def check_class(self, cls: type, site: str) -> None:
+        """Raise :class:`EstimatorError` when the distribution class does not fit."""
+        self._refuse(self.fits_class(cls), cls, site)
+
+    def _refuse(self, reason: str | None, cls: type, site: str) -> None:
         if reason is not None:
+            fit = suggest(cls)
             raise EstimatorError(
-                f"estimator `{self.name}` does not fit site `{site}` ({type(dist).__name__}): {reason}",
-                hint=f"use {suggest(dist)} for this site, e.g. `{site} ~ ... using {suggest(dist)}`",
+                f"estimator `{self.name}` does not fit site `{site}` ({cls.__name__}): {reason}",
+                hint=f"use {fit} for this site, e.g. `{site.split('[')[0]} ~ {cls.__name__}(...) using {fit.split(' or ')[0]}`",
             )
 
     # ------------------------------------------------------------- drawing
@@ -288,8 +300,8 @@ def auto_estimator(dist: Distribution, particles: int) -> Estimator:
     return _REGISTRY["score"]()
 
 
-def suggest(dist: Distribution) -> str:
-    """The estimator to suggest for a distribution."""
+def suggest(dist: Distribution | type) -> str:
+    """The estimator to suggest for a distribution (instance or class)."""
     if dist.has_rsample:
         return "pathwise"
     if dist.has_enumerate_support:

@@ -23,6 +23,9 @@ class Enumerate(Estimator):
     enumerates = True
     options = {"max_outcomes": 10**6}
 
+    def fits_class(self, cls) -> str | None:
+        return None if cls.has_enumerate_support else "it has no finite support to enumerate"
+
     def fits(self, dist: Distribution) -> str | None:
         if not dist.has_enumerate_support:
             return "it has no finite support to enumerate"

@@ -24,6 +24,9 @@ class Pathwise(Estimator):
     reparameterized = True
 
     def fits(self, dist: Distribution) -> str | None:
-        if not dist.has_rsample:
+        return self.fits_class(dist)
+
+    def fits_class(self, cls) -> str | None:
+        if not cls.has_rsample:
             return "it has no reparameterized sampler (rsample)"
         return None
