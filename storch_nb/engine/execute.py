@@ -69,7 +69,11 @@ class Execution:
         if state.get("runs", 0) != runs:  # control variates are per run: start afresh
             state.clear()
             state["runs"] = runs
-        value, aux = est.sample_variants(dist, op.plate, size, state)
+        try:
+            value, aux = est.sample_variants(dist, op.plate, size, state)
+        except EstimatorError as exc:
+            exc.message = f"site `{op.node}`: {exc.message}"
+            raise
         self.kinds[op.plate] = PlateReducer(op.node, est, aux)
         return value, aux
 
