@@ -22,6 +22,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import StoryError
+from ..estimators.base import first_order_only
 from .execute import Execution
 
 
@@ -84,6 +85,8 @@ def build(ex: Execution, state: dict, keep: int, stop: int | None = None, first_
                 term = term.mean(d)
             else:  # a plated estimator's variants: the estimator reduces them
                 term = kd(term, d)
+                if not first_order and not kd.est.higher_order:
+                    term = first_order_only(term, kd.est.name)
         return term
 
     for op, c in ex.costs:

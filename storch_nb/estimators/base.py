@@ -42,6 +42,7 @@ __all__ = [
     "to_site_shape",
     "site_sum",
     "first_order",
+    "first_order_only",
 ]
 
 _REGISTRY: dict[str, type[Estimator]] = {}
@@ -67,6 +68,10 @@ class Estimator:
     #: (a plate of "variants": antithetic pairs, relaxations, ...) and reduces
     #: that plate itself with :meth:`reduce_plate`
     plated: ClassVar[bool] = False
+    #: ``Story.surrogate`` differentiated twice gives unbiased second derivatives;
+    #: where False the engine makes a second differentiation raise instead of
+    #: returning a silently wrong Hessian
+    higher_order: ClassVar[bool] = True
     #: the estimator has control-variate parameters that the engine trains to
     #: minimise the variance of the gradient estimate (see :meth:`cv_parameters`)
     trainable: ClassVar[bool] = False
@@ -208,6 +213,30 @@ def site_sum(x: torch.Tensor, dim: int) -> torch.Tensor:
 def first_order(x: torch.Tensor) -> torch.Tensor:
     """``x - stop_grad(x)``: value zero, gradient that of ``x``."""
     return x - x.detach()
+
+
+class _FirstOrderOnly(torch.autograd.Function):
+    """Identity whose backward refuses to be differentiated again."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, name: str) -> torch.Tensor:
+        ctx.name = name
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        if torch.is_grad_enabled():  # create_graph=True: someone wants higher derivatives
+            raise EstimatorError(
+                f"estimator `{ctx.name}` gives first derivatives only: its surrogate cannot be differentiated twice",
+                hint="for second derivatives use score (any baseline), rloo, enumerate, pathwise, "
+                "unordered_set, score_wor, indecater, measure_valued, go or lax",
+            )
+        return grad, None
+
+
+def first_order_only(x: torch.Tensor, name: str) -> torch.Tensor:
+    """``x`` itself; differentiating it twice raises an :class:`EstimatorError`."""
+    return _FirstOrderOnly.apply(x, name)
 
 
 def register_estimator(name: str, *aliases: str) -> Callable[[type[Estimator]], type[Estimator]]:

@@ -51,6 +51,7 @@ def _per_run(p: torch.Tensor, state: dict, dim: int, own: int) -> torch.Tensor:
 
 class _Relaxed(Estimator):
     plated = True
+    higher_order = False  # first-order surrogate: second derivatives are refused
     trainable = True
     options = {"temperature": 0.5, "eta": 1.0, "lr": 0.01}
     learned_r = False
@@ -157,4 +158,97 @@ class RELAX(_Relaxed):
         return site_sum(val, dim)
 
 
-__all__ = ["REBAR", "RELAX"]
+__all__ = ["REBAR", "RELAX", "LAX"]
+
+
+@register_estimator("lax")
+class LAX(Estimator):
+    """LAX (Grathwohl et al., ICLR 2018, "Backpropagation through the Void:
+    Optimizing control variates for black-box gradient estimation"), for
+    continuous sites with a reparameterized sampler ``b = T(theta, eps)``::
+
+        g = [f(b) - c_phi(b)] d/dtheta log p(b; theta) + d/dtheta c_phi(T(theta, eps))
+
+    where the score term treats ``b`` as a fixed sample and the last term
+    differentiates the control variate through the reparameterized draw. The
+    two ``c_phi`` terms have the same expectation, so ``g`` is unbiased for any
+    ``phi``, and ``f`` need not be differentiable (one evaluation per particle,
+    at ``b``). The control variate is a per-entry quadratic summed over the
+    site's entries, ``c_phi(b) = sum_i phi_0 + phi_1 b_i + phi_2 b_i^2``, one
+    ``phi`` per run, starting at zero (where LAX is the plain score function).
+    The engine trains ``phi`` after every ``Story.run`` by Adam (option ``lr``)
+    on ``sum g^2``, whose gradient is that of the variance of ``g``. The cost
+    estimate is ``f(b)``. With several costs downstream of the site each gets
+    the same control variate (still unbiased).
+
+    The site's surrogate is the DiCE form ``box(l) f + (1 - box(l)) c_phi(b) +
+    first_order(c_phi(T(theta, eps)))`` with ``l = log p(b)`` and
+    ``box(l) = exp(l - stop_grad(l))``: its value is ``f(b)``, its first
+    derivative ``g``, and its second derivative is unbiased too (the two
+    control-variate terms estimate the same Hessian of ``E c_phi`` by the
+    score function and pathwise, and cancel in expectation).
+    """
+
+    plated = True
+    trainable = True
+    options = {"lr": 0.05}
+
+    def __init__(self, n: int | None = None, **options) -> None:
+        super().__init__(n=n, **options)
+        lr = self.opts["lr"]
+        if not isinstance(lr, (int, float)) or isinstance(lr, bool) or lr < 0:
+            raise EstimatorError(f"lr must be a number >= 0, not {lr!r}")
+
+    def fits(self, dist: Distribution) -> str | None:
+        if not dist.has_rsample:
+            return "it needs a continuous site with a reparameterized sampler (rsample); for Bernoulli sites use relax"
+        if self.n is not None:
+            return "option n does not apply (the site's variant is its own plate)"
+        return None
+
+    def plate_size(self, dist: Distribution) -> int:
+        return 1
+
+    def params(self, state: dict, like: torch.Tensor) -> dict[str, torch.Tensor]:
+        cv = state.get("cv")
+        if cv is None or state.get("owner") != self.text():  # fresh, or left by another estimator
+            shape = (state["runs"],) if state.get("runs") is not None else ()
+            phi = torch.zeros(shape + (3,), dtype=like.dtype, device=like.device).requires_grad_(True)
+            cv = state["cv"] = {"phi": phi}
+            state["owner"] = self.text()
+            state["optimizer"] = torch.optim.Adam([phi], lr=self.opts["lr"]) if self.opts["lr"] > 0 else None
+        return cv
+
+    def sample_variants(self, dist: Distribution, dim: int, size: int, state: dict) -> tuple[torch.Tensor, Any]:
+        b = dist.rsample()
+        cv = self.params(state, b)
+        log_p = dist.log_prob(b.detach())
+        return b.detach(), {"b": b, "log_p": log_p, "phi": cv["phi"], "state": state, "own": b.dim() - dim - 1}
+
+    @staticmethod
+    def control_variate(aux: dict, b: torch.Tensor, dim: int) -> torch.Tensor:
+        """``c_phi(b)``, summed over the site's entries (one value per particle)."""
+        phi, state, own = aux["phi"], aux["state"], aux["own"]
+        phi0, phi1, phi2 = (_per_run(phi[..., j], state, dim, own) for j in range(3))
+        return site_sum(phi0 + phi1 * b + phi2 * b * b, dim)
+
+    def reduce_plate(self, term: torch.Tensor, dim: int, aux: Any) -> torch.Tensor:
+        f = term.squeeze(dim)
+        b = aux["b"]
+        c_fixed = self.control_variate(aux, b.detach(), dim)  # depends on phi only
+        c_path = self.control_variate(aux, b, dim)  # through the reparameterized draw
+        log_p = site_sum(aux["log_p"], dim)
+        box = torch.exp(log_p - log_p.detach())
+        return box * f + (1 - box) * c_fixed + first_order(c_path)
+
+    def cv_parameters(self, state: dict) -> list[torch.Tensor]:
+        return list(state["cv"].values()) if "cv" in state else []
+
+    def cv_step(self, state: dict, grads: list[torch.Tensor | None]) -> None:
+        opt = state.get("optimizer")
+        if opt is None:
+            return
+        for p, g in zip(self.cv_parameters(state), grads):
+            p.grad = None if g is None else g.detach()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
