@@ -1,12 +1,13 @@
 """The tutorial notebooks: their shape, and a full nbval run against the stored outputs.
 
-The nbval run is the same as
-    python -m pytest --nbval notebooks/01_generative_stories.ipynb --nbval-current-env \
+Every numbered notebook in notebooks/ (``NN_name.ipynb``, found by glob) gets the same
+generic checks and its own nbval run, the same as
+    python -m pytest --nbval notebooks/NN_name.ipynb --nbval-current-env \
         --nbval-sanitize-with notebooks/nbval_sanitize.cfg
 (in a subprocess, so the notebook's kernel is a fresh one). When a display
 format changes on purpose, regenerate the stored outputs with
     jupyter nbconvert --to notebook --execute --inplace \
-        --ExecutePreprocessor.kernel_name=python3 notebooks/01_generative_stories.ipynb
+        --ExecutePreprocessor.kernel_name=python3 notebooks/NN_name.ipynb
 """
 
 from __future__ import annotations
@@ -39,6 +40,12 @@ def _source(cell: dict) -> str:
 def test_the_tutorial_exists():
     assert (NOTEBOOKS / "01_generative_stories.ipynb") in NOTEBOOK_FILES
     assert SANITIZE.is_file()
+
+
+def test_every_notebook_is_validated():
+    """A notebook whose name escapes the NN_name pattern would silently skip nbval."""
+    found = sorted(p for p in NOTEBOOKS.rglob("*.ipynb") if ".ipynb_checkpoints" not in p.parts)
+    assert found == NOTEBOOK_FILES, f"not numbered NN_name.ipynb: {sorted(set(found) - set(NOTEBOOK_FILES))}"
 
 
 @pytest.mark.parametrize("path", NOTEBOOK_FILES, ids=lambda p: p.name)
