@@ -15,6 +15,7 @@ from .engine.diagnose import check_finite
 from .engine.execute import execute
 from .engine.plan import Plan, Planner
 from .engine.result import Comparison, Result
+from .engine.rng import Seeded
 from .errors import EstimatorError, StoryError
 from .estimators import parse_spec
 from .graph import Graph
@@ -85,32 +86,6 @@ def _free_names(statements) -> set[str]:
                 out.update(a.names)
             out |= _free_names(st.body)
     return out
-
-
-class _Seeded:
-    """Seed torch's generator for one run and put its state back afterwards."""
-
-    __slots__ = ("seed", "device", "cpu", "cuda")
-
-    def __init__(self, seed: int | None, device: torch.device) -> None:
-        self.seed = seed
-        self.device = device
-
-    def __enter__(self):
-        if self.seed is not None:
-            self.cpu = torch.get_rng_state()
-            torch.default_generator.manual_seed(self.seed)
-            if self.device.type == "cuda":
-                idx = self.device.index if self.device.index is not None else torch.cuda.current_device()
-                self.cuda = (idx, torch.cuda.get_rng_state(idx))
-                torch.cuda.default_generators[idx].manual_seed(self.seed)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self.seed is not None:
-            torch.set_rng_state(self.cpu)
-            if self.device.type == "cuda":
-                torch.cuda.set_rng_state(self.cuda[1], self.cuda[0])
 
 
 class Story:
@@ -292,7 +267,7 @@ class Story:
         ns = namespace if namespace is not None else _EMPTY
         default, per_site = self._estimator_spec(estimator)
         run_dim = runs > 1
-        with _Seeded(seed, dev):
+        with Seeded(seed, dev):
             probe = self._plan(ns, default, per_site, run_dim, run_dim or stderr, dev, dt)
             if probe.modules and (run_dim or stderr):
                 return self._run_modules(ns, default, per_site, samples, runs, dev, dt, t0, max_outcomes)
@@ -491,7 +466,7 @@ class Story:
         dev, dt = _device(device), _dtype(dtype)
         ns = namespace if namespace is not None else _EMPTY
         default, per_site = self._estimator_spec(estimator)
-        with _Seeded(seed, dev):
+        with Seeded(seed, dev):
             plan = self._plan(ns, default, per_site, False, False, dev, dt)
             leaves = self._leaves(plan, ns, dev, dt)
             total, _, _ = self._pass(plan, leaves, samples, 1, dev, dt)

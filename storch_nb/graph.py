@@ -60,5 +60,33 @@ class Graph:
     def of_kind(self, kind: str) -> list[Node]:
         return [n for n in self.nodes if n.kind == kind]
 
+    def to_dot(self, name: str = "story") -> str:
+        """The graph as Graphviz DOT text (``dot -Tsvg``), drawn as ``story.draw()``
+        draws it: boxes for deterministic steps, ellipses for stochastic ones,
+        hexagons for parameters, dashed parallelograms for inputs, diamonds for
+        costs; edges follow the data, top-down."""
+        shapes = {
+            "deterministic": 'shape=box, style=filled, fillcolor="#dbe9f6", color="#2b5d8a"',
+            "stochastic": 'shape=ellipse, style=filled, fillcolor="#fde2c8", color="#b35806"',
+            "param": 'shape=hexagon, style=filled, fillcolor="#e6f5d0", color="#4d9221", fontname="Helvetica-Bold"',
+            "input": 'shape=parallelogram, style="filled,dashed", fillcolor="#eeeeee", color="#666666"',
+            "cost": 'shape=diamond, style=filled, fillcolor="#f8d0d0", color="#b2182b"',
+        }
+
+        def quote(text: str) -> str:
+            return '"' + str(text).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+        lines = [f"digraph {quote(name)} {{", "  rankdir=TB;", '  node [fontname="Helvetica"];']
+        for n in self.nodes:
+            where = f", tooltip={quote(f'line {n.line}')}" if n.line is not None else ""
+            lines.append(f"  {quote(n.name)} [label={quote(n.name)}, {shapes.get(n.kind, 'shape=box')}{where}];")
+        costs = [n.name for n in self.nodes if n.kind == "cost"]
+        if len(costs) > 1:
+            lines.append("  { rank=sink; " + " ".join(quote(c) for c in costs) + " }")
+        for a, b in self.edges:
+            lines.append(f"  {quote(a)} -> {quote(b)};")
+        lines.append("}")
+        return "\n".join(lines) + "\n"
+
     def __repr__(self) -> str:
         return f"Graph({len(self.nodes)} nodes, {len(self.edges)} edges)"

@@ -634,3 +634,137 @@ def test_compare_vector_parameter_with_grad_filter(ip):
     text, _ = shown(cap)
     assert "t[0]" in text and "t[1]" in text
     assert text.count("0.025") >= 4  # the exact column, one per row
+
+
+# ---------------------------------------------------------------------------
+# pictures: --plot, --graph, --widget, --train (PNG and HTML through a real shell)
+# ---------------------------------------------------------------------------
+
+TOY_499 = """\
+t = param(0.0)
+b ~ Bernoulli(logits=t)
+cost (b - 0.499)**2
+"""
+
+
+@pytest.fixture
+def inline(ip):
+    """The notebook's matplotlib backend (as `%matplotlib inline` selects it), put back afterwards."""
+    matplotlib = pytest.importorskip("matplotlib")
+    pytest.importorskip("matplotlib_inline")
+    old = matplotlib.get_backend()
+    matplotlib.use("module://matplotlib_inline.backend_inline")
+    yield ip
+    matplotlib.use(old)
+
+
+def kinds(cap):
+    """The MIME types of each displayed output, in order."""
+    return [sorted(o.data) for o in cap.outputs]
+
+
+def png_of(output):
+    data = output.data["image/png"]
+    if isinstance(data, str):
+        import base64
+
+        data = base64.b64decode(data)
+    return data
+
+
+def test_docs_name_the_picture_options():
+    doc = nbmagic.StorchMagics.storch_cell.__doc__
+    for opt in ("--plot", "--graph", "--widget", "--train", "--lr", "--optimizer"):
+        assert opt in nbmagic.__doc__, opt
+    assert "%%storch" in doc
+
+
+def test_plot_shows_png_and_table(inline):
+    _, cap = storch(inline, "-n 100 --seed 0 --plot --out cmp", SEED_STORY)
+    assert kinds(cap) == [["image/png", "text/plain"], ["text/html", "text/plain"]]
+    assert png_of(cap.outputs[0]).startswith(b"\x89PNG")
+    text, page = cap.outputs[1].data["text/plain"], cap.outputs[1].data["text/html"]
+    for s in ("mean", "std", "variance", "bias", "time", "reference"):
+        assert s in text and s in page
+    assert "100 samples × 100 runs" in text  # --plot without --runs: 100 runs
+    cmp = inline.user_ns["cmp"]
+    row = cmp.row("auto (pathwise)", "c")
+    se = row["std"] / math.sqrt(100)
+    assert abs(row["mean"] - SEED_TRUTH["c"]) < 4 * se
+    assert "reference (100,000 samples, pathwise)" in text  # not enumerable: labelled so
+
+
+def test_compare_plot_overlays_estimators(inline):
+    _, cap = storch(inline, "-n 50 -r 40 --seed 0 --compare score,rloo,enumerate --plot --out cmp", BERNOULLI_STORY)
+    assert kinds(cap) == [["image/png", "text/plain"], ["text/html", "text/plain"]]
+    cmp = inline.user_ns["cmp"]
+    assert list(cmp.results) == ["score", "rloo", "enumerate"]
+    assert cmp.row("enumerate", "t")["variance"] == pytest.approx(0.0, abs=1e-12)
+    assert cmp.row("enumerate", "t")["bias"] == pytest.approx(0.0, abs=1e-7)
+    text = cap.outputs[1].data["text/plain"]
+    assert "exact" in text and "0.025" in text
+
+
+def test_graph_draws_above_the_table(inline):
+    _, cap = storch(inline, "-n 100 --seed 0 --graph", SEED_STORY)
+    assert kinds(cap) == [["image/png", "text/plain"], ["text/html", "text/plain"]]
+    assert png_of(cap.outputs[0]).startswith(b"\x89PNG")
+    assert "∂E/∂c" in cap.outputs[1].data["text/plain"]
+
+
+def test_widget_shows_the_lab(inline):
+    from storch_nb.notebook.lab import Lab
+
+    _, cap = storch(inline, "--widget -n 50 -r 40 --seed 0 --compare score --out w", SEED_STORY)
+    assert len(cap.outputs) == 1
+    data = cap.outputs[0].data
+    assert "application/vnd.jupyter.widget-view+json" in data
+    assert data["text/plain"].startswith("<storch lab")
+    lab = inline.user_ns["w"]
+    assert isinstance(lab, Lab)
+    assert data["application/vnd.jupyter.widget-view+json"]["model_id"] == lab.widget.model_id
+    assert (lab.result.samples, lab.result.runs) == (50, 40)
+    assert list(lab.results) == ["auto (pathwise)", "score"]
+    assert lab.controls["estimator"].description == "estimator"
+    lab.controls["estimator"].value = "score"
+    assert lab.result.estimators == {"e": "score"} and lab.error is None
+    lab.close()
+
+
+def test_train_plots_the_learning_curve(inline):
+    _, cap = storch(inline, "--train 60 --lr 0.1 --optimizer adam -n 20 --seed 0 -e rloo --out r", TOY_499)
+    assert kinds(cap) == [["image/png", "text/plain"], ["text/html", "text/plain"]]
+    hist = inline.user_ns["r"]
+    assert len(hist.cost) == 60 and 1 / (1 + math.exp(-hist.params["t"].item())) < 0.1
+    text = cap.outputs[1].data["text/plain"]
+    assert "rloo" in text and "final cost" in text and "adam, lr 0.1" in text
+
+
+def test_train_compare_overlays_curves(inline):
+    _, cap = storch(inline, "--train 30 --lr 0.1 --optimizer sgd -n 10 --seed 0 --compare rloo,score --out r",
+                    TOY_499)
+    assert kinds(cap) == [["image/png", "text/plain"], ["text/html", "text/plain"]]
+    hists = inline.user_ns["r"]
+    assert list(hists) == ["rloo", "score"]
+    assert all(h.optimizer == "sgd" and h.trace["t"][0] == 0.0 for h in hists.values())
+
+
+@pytest.mark.parametrize(
+    "line",
+    ["--widget --train 10", "--lr 0.1", "--optimizer sgd", "--train 0", "--train 5 --lr -1", "--train 5 --optimizer x"],
+)
+def test_picture_option_errors(ip, line):
+    with pytest.raises(UsageError):
+        ip.run_cell_magic("storch", line, SEED_STORY)
+
+
+def test_story_error_in_plot_counts_the_magic_line(inline):
+    with pytest.raises(nbmagic.StoryError) as info:
+        storch(inline, "--plot -n 10 --seed 0 -e pathwise", BERNOULLI_STORY)
+    assert "line 3" in str(info.value)  # the site is line 2 of the story, line 3 of the cell
+
+
+def test_widget_story_error_is_raised(inline):
+    with pytest.raises(nbmagic.StoryError) as info:
+        storch(inline, "--widget -r 10 --seed 0", "c = param(0.5)\ne ~ Normal(c + nowhere, 1)\ncost e**2\n")
+    assert "line 3" in str(info.value) and "nowhere" in str(info.value)

@@ -1,7 +1,8 @@
 """Training: gradient descent on a story's expected cost with any estimator.
 
-Each step builds the story's surrogate (``Story.surrogate``), back-propagates
-the estimator's gradient into the parameters and takes one optimizer step::
+Each step runs the story (``Story.run``: one gradient estimate, which also
+trains learned control variates such as RELAX's), puts the estimator's
+gradient into the parameters' ``.grad`` and takes one optimizer step::
 
     hist = story.train(steps=500, lr=0.05, estimator="rloo", optimizer="adam", seed=0)
     hist.cost       # per-step cost estimates (floats)
@@ -11,12 +12,11 @@ What is optimised: the story's own ``param(...)`` leaves, the tensors of the
 namespace that the story reads and that have ``requires_grad=True`` (leaf
 tensors, ``nn.Parameter`` included) and the parameters of the ``nn.Module``
 objects it calls. The story's own parameters are created by the first
-surrogate, so the optimizer is built after it (the first step's loss is that
-surrogate); the optimizer then lives for the whole run, so Adam's moments
+run, so the optimizer is built after it; the optimizer then lives for the whole run, so Adam's moments
 carry over between steps as they should.
 
 ``seed`` makes a run reproducible: torch's generator is seeded once at the
-start (``torch.default_generator.manual_seed``) and the per-step surrogates
+start (``torch.default_generator.manual_seed``) and the per-step runs
 draw from it in turn; torch's global generator state is put back afterwards,
 so the code around ``train`` sees the same random numbers as without it.
 Estimator state (moving-average baselines) lives on the story and carries
@@ -37,6 +37,16 @@ import torch
 from torch import nn
 
 from ..errors import StoryError
+from .rng import Seeded
+
+
+def _device_of(device: Any) -> torch.device | None:
+    if device == "auto" or device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return torch.device(device)
+    except (RuntimeError, TypeError):
+        return None  # Story.run reports a bad device with a clear error
 
 __all__ = ["History", "train", "train_compare", "trainable", "OPTIMIZERS"]
 
@@ -160,34 +170,6 @@ def trainable(story: Any, namespace: Mapping[str, Any] | None = None) -> dict[st
     return out
 
 
-class _RngGuard:
-    """Seed torch's generator(s) once and put the previous state back on exit."""
-
-    def __init__(self, seed: int | None, device: Any) -> None:
-        self.seed = seed
-        dev = torch.device(device) if isinstance(device, (str, torch.device)) and device != "auto" else None
-        if device == "auto":
-            dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.cuda_index = None
-        if dev is not None and dev.type == "cuda" and torch.cuda.is_available():
-            self.cuda_index = dev.index if dev.index is not None else torch.cuda.current_device()
-
-    def __enter__(self) -> _RngGuard:
-        if self.seed is not None:
-            self.cpu_state = torch.get_rng_state()
-            torch.default_generator.manual_seed(self.seed)
-            if self.cuda_index is not None:
-                self.cuda_state = torch.cuda.get_rng_state(self.cuda_index)
-                torch.cuda.default_generators[self.cuda_index].manual_seed(self.seed)
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        if self.seed is not None:
-            torch.set_rng_state(self.cpu_state)
-            if self.cuda_index is not None:
-                torch.cuda.set_rng_state(self.cuda_state, self.cuda_index)
-
-
 def train(
     story: Any,
     steps: int = 500,
@@ -235,9 +217,14 @@ def train(
     t0 = time.perf_counter()
     opt: torch.optim.Optimizer | None = None
     params: dict[str, torch.Tensor] = {}
-    with _RngGuard(seed, device):
+    with Seeded(seed, _device_of(device)):
         for step in range(1, steps + 1):
-            loss = story.surrogate(samples=samples, estimator=estimator, seed=None, namespace=ns, device=device, dtype=dtype)
+            try:
+                res = story.run(samples=samples, estimator=estimator, seed=None, namespace=ns, device=device, dtype=dtype)
+            except StoryError as exc:
+                if "NaN or infinite" not in exc.message:
+                    raise
+                res = None
             if opt is None:
                 params = trainable(story, ns)
                 if not params:
@@ -247,7 +234,7 @@ def train(
                     )
                 opt, hist.optimizer = _make_optimizer(optimizer, list(params.values()), float(lr))
                 hist.trace = {n: [] for n, p in params.items() if p.numel() == 1}
-            value = float(loss.detach())
+            value = math.nan if res is None else res.cost
             for n in hist.trace:
                 hist.trace[n].append(float(params[n].detach()))
             hist.cost.append(value)
@@ -256,13 +243,13 @@ def train(
                 hist.grad_norm.append(math.nan)
                 warnings.warn(f"training stopped: {hist.stopped} (try a smaller lr)", stacklevel=2)
                 break
-            opt.zero_grad(set_to_none=True)
-            if loss.requires_grad:
-                loss.backward()
+            # Story.run gives the estimator's gradient (and trains control variates such as RELAX's)
             sq = 0.0
-            for p in params.values():
-                if p.grad is not None:
-                    sq += float(p.grad.detach().double().pow(2).sum())
+            for n, p in params.items():
+                g = res.grads.get(n)
+                p.grad = None if g is None else g.detach().to(p.dtype)
+                if g is not None:
+                    sq += float(g.detach().double().pow(2).sum())
             hist.grad_norm.append(math.sqrt(sq))
             opt.step()
             hist.steps = step

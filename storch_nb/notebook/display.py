@@ -16,7 +16,11 @@ Public functions (all return ``str``):
   the table of ``Story.compare``: per estimator and parameter the mean, standard
   deviation, variance and bias of the gradient estimate, and the time taken.
 
-``ResultView`` and ``ComparisonView`` wrap these in an object with
+- ``training_html(histories)`` / ``training_text(...)``: a training ``History``
+  (or a dict estimator -> History): steps, first and final cost, final
+  parameter values, time.
+
+``ResultView``, ``ComparisonView`` and ``TrainingView`` wrap these in an object with
 ``_repr_html_`` and ``__repr__`` for ``IPython.display.display``.
 """
 
@@ -31,11 +35,14 @@ from typing import Any
 __all__ = [
     "ComparisonView",
     "ResultView",
+    "TrainingView",
     "comparison_html",
     "comparison_text",
     "fmt",
     "result_html",
     "result_text",
+    "training_html",
+    "training_text",
 ]
 
 #: at most this many entries of one parameter get their own row
@@ -380,6 +387,7 @@ def _comparison_table(
     grads: Sequence[str] | None = None,
     reference: Any = None,
     notes: Sequence[str] = (),
+    reference_label: str = "exact",
 ) -> _Table:
     if reference is None:
         reference = getattr(cmp, "reference", None)
@@ -392,7 +400,7 @@ def _comparison_table(
 
     header = ["estimator", "param", "mean", "std", "variance", "bias", "time"]
     if reference is not None:
-        header.append("exact")
+        header.append(reference_label)
     rows: list[list[str]] = []
     for name in wanted:
         for r in table:
@@ -434,27 +442,86 @@ def _comparison_table(
         if getattr(first, "dtype", None) is not None:
             bits.append(_dtype_name(first.dtype))
     caption = "storch compare" + (": " + " · ".join(bits) if bits else "")
-    out_notes = ["mean, std, variance: of one estimate (over runs); bias: mean − exact"]
+    out_notes = [f"mean, std, variance: of one estimate (over runs); bias: mean − {reference_label}"]
     if reference is None:
         out_notes.append("no exact reference (the story is not enumerable): bias not known")
-    elif reference is not None:
-        out_notes.append(f"exact E[cost] = {fmt(getattr(reference, 'cost', None))}")
+    else:
+        out_notes.append(f"{reference_label} E[cost] = {fmt(getattr(reference, 'cost', None))}")
     out_notes.extend(notes)
     return _Table(header=header, rows=rows, caption=caption, notes=out_notes, label_cols=2)
 
 
 def comparison_html(
-    cmp: Any, grads: Sequence[str] | None = None, reference: Any = None, notes: Sequence[str] = ()
+    cmp: Any,
+    grads: Sequence[str] | None = None,
+    reference: Any = None,
+    notes: Sequence[str] = (),
+    reference_label: str = "exact",
 ) -> str:
-    """HTML table of a ``Story.compare`` result."""
-    return _render_html(_comparison_table(cmp, grads, reference, notes))
+    """HTML table of a ``Story.compare`` result. ``reference_label`` names the
+    reference column (``"exact"``, or e.g. ``"reference"`` for a high-sample one)."""
+    return _render_html(_comparison_table(cmp, grads, reference, notes, reference_label))
 
 
 def comparison_text(
-    cmp: Any, grads: Sequence[str] | None = None, reference: Any = None, notes: Sequence[str] = ()
+    cmp: Any,
+    grads: Sequence[str] | None = None,
+    reference: Any = None,
+    notes: Sequence[str] = (),
+    reference_label: str = "exact",
 ) -> str:
     """The text/plain twin of :func:`comparison_html`."""
-    return _render_text(_comparison_table(cmp, grads, reference, notes))
+    return _render_text(_comparison_table(cmp, grads, reference, notes, reference_label))
+
+
+# ---------------------------------------------------------------------------
+# training histories
+# ---------------------------------------------------------------------------
+
+
+def _training_table(histories: Any, notes: Sequence[str] = ()) -> _Table:
+    """One row per estimator: steps, first and final cost, final parameter values."""
+    if not isinstance(histories, dict):
+        histories = {getattr(histories, "estimator", "auto"): histories}
+    names: list[str] = []
+    for h in histories.values():
+        for n in getattr(h, "params", {}) or {}:
+            if n not in names:
+                names.append(n)
+    header = ["estimator", "steps", "first cost", "final cost", *names, "time"]
+    rows: list[list[str]] = []
+    for label, h in histories.items():
+        cost = list(getattr(h, "cost", []) or [])
+        final = h.final_cost() if hasattr(h, "final_cost") else (cost[-1] if cost else None)
+        row = [str(label), str(getattr(h, "steps", len(cost))), fmt(cost[0] if cost else None), fmt(final)]
+        params = getattr(h, "params", {}) or {}
+        for n in names:
+            row.append(fmt(params.get(n)))
+        row.append(fmt_seconds(getattr(h, "seconds", None)))
+        rows.append(row)
+    first = next(iter(histories.values()), None)
+    caption = "storch train"
+    if first is not None:
+        caption += (
+            f": {getattr(first, 'optimizer', '?')}, lr {fmt(getattr(first, 'lr', None))}, "
+            f"{getattr(first, 'samples', '?')} samples per step"
+        )
+    out_notes = ["final cost: mean cost estimate over the last tenth of the steps"]
+    for label, h in histories.items():
+        if getattr(h, "stopped", None):
+            out_notes.append(f"{label}: {h.stopped}")
+    out_notes.extend(notes)
+    return _Table(header=header, rows=rows, caption=caption, notes=out_notes)
+
+
+def training_html(histories: Any, notes: Sequence[str] = ()) -> str:
+    """HTML table of a training ``History`` (or a dict estimator -> History)."""
+    return _render_html(_training_table(histories, notes))
+
+
+def training_text(histories: Any, notes: Sequence[str] = ()) -> str:
+    """The text/plain twin of :func:`training_html`."""
+    return _render_text(_training_table(histories, notes))
 
 
 # ---------------------------------------------------------------------------
@@ -493,14 +560,30 @@ class ComparisonView:
         grads: Sequence[str] | None = None,
         reference: Any = None,
         notes: Sequence[str] = (),
+        reference_label: str = "exact",
     ) -> None:
         self.comparison = comparison
         self.grads = list(grads) if grads is not None else None
         self.reference = reference
         self.notes = list(notes)
+        self.reference_label = reference_label
 
     def _repr_html_(self) -> str:
-        return comparison_html(self.comparison, self.grads, self.reference, self.notes)
+        return comparison_html(self.comparison, self.grads, self.reference, self.notes, self.reference_label)
 
     def __repr__(self) -> str:
-        return comparison_text(self.comparison, self.grads, self.reference, self.notes)
+        return comparison_text(self.comparison, self.grads, self.reference, self.notes, self.reference_label)
+
+
+class TrainingView:
+    """A training ``History`` (or several, by estimator) as the notebook shows it."""
+
+    def __init__(self, histories: Any, notes: Sequence[str] = ()) -> None:
+        self.histories = histories
+        self.notes = list(notes)
+
+    def _repr_html_(self) -> str:
+        return training_html(self.histories, self.notes)
+
+    def __repr__(self) -> str:
+        return training_text(self.histories, self.notes)

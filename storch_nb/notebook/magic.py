@@ -42,14 +42,40 @@ What to estimate
 
 What to show and keep
   --grad NAMES             Show only these parameters (comma-separated: ``--grad b,c``).
-  --out NAME               Store the ``Result`` (with ``--compare``: the comparison)
-                           in the notebook namespace as ``NAME``.
+  --out NAME               Store the ``Result`` (with ``--compare``: the comparison;
+                           ``--widget``: the ``Lab``; ``--train``: the ``History``,
+                           or a dict of them with ``--compare``) in the notebook
+                           namespace as ``NAME``.
   --exact                  Also show the exact cost and gradients, by enumerating
                            the story (when every site has a finite support).
   --compare EST,EST,...    Run each estimator (``--runs`` times, 100 if neither
                            ``--runs`` nor a configured default above 1 is given)
                            and show their mean, std, variance and bias per
                            parameter instead of a single estimate.
+
+Pictures (matplotlib PNGs; matplotlib is imported only when one is asked for)
+  --plot                   Histograms of the gradient estimates over the runs
+                           (``--runs``, 100 if not given), one per parameter,
+                           with the exact gradient (or a high-sample reference,
+                           labelled so) as a line, and the variance against the
+                           number of samples on log-log axes with a 1/S slope;
+                           then a table of mean, std, variance, bias and time.
+                           With ``--compare``: the estimators overlaid.
+  --graph                  Draw the story's graph (rectangles: deterministic,
+                           ellipses: stochastic; parameters, inputs and costs
+                           marked) above the cell's other output.
+  --widget                 The interactive lab (ipywidgets): estimator dropdown,
+                           samples (log scale), runs, parameter, comparison.
+                           ``--samples``/``--runs``/``--estimator``/``--compare``
+                           set its starting values (default 100 samples, 200 runs).
+  --train STEPS            Optimise the story's parameters (and namespace tensors
+                           with requires_grad and modules it uses) for STEPS steps
+                           and plot the learning curve; with ``--compare``, one
+                           curve per estimator, each from the same start (the
+                           namespace is put back afterwards).
+  --lr LR                  Learning rate for ``--train`` (0.05).
+  --optimizer NAME         ``adam`` (default), ``sgd``, ``adamw``, ``rmsprop`` or
+                           ``adagrad``, for ``--train``.
 
 Defaults: the options marked * are traitlets of ``StorchMagics``, so
 ``%config StorchMagics.samples = 500`` (or ``c.StorchMagics.samples = 500`` in
@@ -86,6 +112,12 @@ __all__ = ["StorchMagics", "load_ipython_extension", "unload_ipython_extension"]
 STORY_CACHE_SIZE = 32
 #: runs per estimator for --compare when neither --runs nor a default above 1 is given
 COMPARE_RUNS = 100
+#: samples and runs of --widget when not given
+WIDGET_SAMPLES = 100
+WIDGET_RUNS = 200
+#: learning rate of --train when not given
+TRAIN_LR = 0.05
+_OPTIMIZERS = ("adam", "sgd", "adamw", "rmsprop", "adagrad")
 
 _DEVICES = ("cpu", "cuda", "auto")
 _DTYPES = {
@@ -302,6 +334,26 @@ def _compare_type(text: str) -> list[str]:
     return ests
 
 
+_steps_type = _positive_int("steps")
+
+
+def _lr_type(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"lr must be a positive number, got {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"lr must be a positive number, got {text!r}")
+    return value
+
+
+def _optimizer_type(text: str) -> str:
+    value = text.strip().lower()
+    if value not in _OPTIMIZERS:
+        raise argparse.ArgumentTypeError(f"optimizer must be one of {', '.join(_OPTIMIZERS)}, got {text!r}")
+    return value
+
+
 def _check_device(device: str) -> None:
     if device == "cuda":
         import torch
@@ -467,6 +519,37 @@ class StorchMagics(Magics):
         "nor a configured default above 1 is given) and show mean, std, variance and "
         "bias per parameter instead of a single estimate.",
     )
+    @argument_group("Pictures")
+    @argument(
+        "--plot",
+        action="store_true",
+        help="Histograms of the gradient estimates over the runs (100 if --runs is not given) with the exact "
+        "gradient (or a high-sample reference) as a line, the variance against the number of samples "
+        "(log-log, 1/S slope), and a table of mean, std, variance, bias and time; with --compare, overlaid.",
+    )
+    @argument("--graph", action="store_true", help="Draw the story's graph above the cell's other output.")
+    @argument(
+        "--widget",
+        action="store_true",
+        help="The interactive estimator lab (ipywidgets); --samples, --runs, --estimator and --compare "
+        f"set its starting values (default {WIDGET_SAMPLES} samples, {WIDGET_RUNS} runs).",
+    )
+    @argument(
+        "--train",
+        type=_steps_type,
+        default=None,
+        metavar="STEPS",
+        help="Optimise the story's parameters for STEPS steps and plot the learning curve "
+        "(with --compare: one curve per estimator, each from the same start).",
+    )
+    @argument("--lr", type=_lr_type, default=None, metavar="LR", help=f"Learning rate for --train ({TRAIN_LR}).")
+    @argument(
+        "--optimizer",
+        type=_optimizer_type,
+        default=None,
+        metavar="NAME",
+        help=f"Optimizer for --train: {', '.join(_OPTIMIZERS)} (adam).",
+    )
     @cell_magic("storch")
     def storch_cell(self, line: str, cell: str) -> None:
         """Estimate the gradient of the expected cost of the story in this cell.
@@ -493,7 +576,22 @@ class StorchMagics(Magics):
         if not cell or not cell.strip():
             raise UsageError("%%storch: the cell is empty; write a story below the %%storch line")
 
+        if args.widget and args.train is not None:
+            raise UsageError("%%storch: --widget and --train do not go together; use one of them")
+        if args.train is None and (args.lr is not None or args.optimizer is not None):
+            raise UsageError("%%storch: --lr and --optimizer are options of --train STEPS")
+
         ns = self.shell.user_ns
+        if args.widget:
+            self._widget(args, cell, ns, estimator, seed, device, dtype)
+            return
+        if args.train is not None:
+            self._train(args, cell, ns, estimator, samples, seed, device, dtype)
+            return
+        if args.plot:
+            self._plot(args, cell, ns, estimator, samples, seed, device, dtype)
+            return
+
         notes: list[str] = []
         try:
             story = self._story(cell)
@@ -545,10 +643,136 @@ class StorchMagics(Magics):
 
         from IPython.display import display
 
+        if args.graph:
+            display(story.draw())
         if args.compare is not None:
             display(ComparisonView(outcome, grads=args.grad, reference=exact, notes=notes))
         else:
             display(ResultView(outcome, exact=exact, grads=args.grad, notes=notes))
+
+    # -- the picture modes ------------------------------------------------------
+
+    def _located(self, fn: Any, *a: Any, **kw: Any) -> Any:
+        """Call ``fn``; a StoryError counts the %%storch line as line 1."""
+        try:
+            return fn(*a, **kw)
+        except StoryError as err:
+            err.line_offset = 1
+            raise
+
+    def _check_grad(self, args: argparse.Namespace, params: list[str]) -> None:
+        if args.grad is not None:
+            unknown = [g for g in args.grad if not any(p == g or p.startswith(g + "[") for p in params)]
+            if unknown:
+                known = ", ".join(dict.fromkeys(params)) or "(none)"
+                raise UsageError(f"--grad: no parameter named {', '.join(unknown)}; the parameters are {known}")
+
+    def _widget(self, args: argparse.Namespace, cell: str, ns: Any, estimator: Any, seed: Any, device: str,
+                dtype: str) -> None:
+        """``--widget``: the estimator lab, displayed as its ipywidgets VBox."""
+        from IPython.display import display
+
+        from .lab import Lab
+
+        story = self._located(self._story, cell)
+        story.reset()
+        # the lab is reproducible unless asked otherwise (--seed none): the same settings show the same plot
+        lab_seed = None if args.seed is _UNSEEDED else (0 if seed is None else seed)
+        options: dict[str, Any] = {"device": device, "dtype": dtype, "seed": lab_seed, "estimator": estimator}
+        if args.compare is not None:
+            options["compare"] = args.compare
+        if args.grad is not None:
+            options["param"] = args.grad[0]
+        lab = self._located(
+            Lab,
+            story,
+            namespace=ns,
+            samples=args.samples if args.samples is not None else WIDGET_SAMPLES,
+            runs=args.runs if args.runs is not None else WIDGET_RUNS,
+            **options,
+        )
+        if args.out is not None:
+            self.shell.push({args.out: lab})
+        if args.graph:
+            display(story.draw())
+        display(lab.widget)
+
+    def _plot(self, args: argparse.Namespace, cell: str, ns: Any, estimator: Any, samples: int, seed: Any,
+              device: str, dtype: str) -> None:
+        """``--plot`` (with or without ``--compare``): histograms, variance plot, table."""
+        from IPython.display import display
+
+        from . import plots
+
+        runs = args.runs if args.runs is not None else (self.runs if self.runs > 1 else COMPARE_RUNS)
+        runs = max(runs, 2)
+        story = self._located(self._story, cell)
+        story.reset()
+        specs = args.compare if args.compare is not None else [estimator]
+        run_seed = 0 if seed is None else seed
+
+        def work() -> tuple[dict, dict, Any]:
+            results, curves = {}, {}
+            for sp in specs:
+                res = plots.run_chunked(story, sp, samples, runs, run_seed if seed is not None else None, ns,
+                                        device, dtype)
+                label = plots.estimator_label(sp, res)
+                results[label] = res
+                curves[label] = plots.variance_curve(story, sp, samples, runs, seed, ns, device, dtype, known=res)
+            return results, curves, plots.reference(story, ns, seed=run_seed, device=device, dtype=dtype)
+
+        results, curves, ref = self._located(work)
+        first = next(iter(results.values()))
+        labels = list(plots.entries(first))
+        self._check_grad(args, labels)
+        wanted = labels
+        if args.grad is not None:
+            wanted = [lab for lab in labels if any(lab == g or lab.startswith(g + "[") for g in args.grad)]
+        fig = plots.gradient_figure(results, wanted, ref, curves)
+        table = plots.summary(results, ref)
+        if args.out is not None:
+            self.shell.push({args.out: table})
+        notes = [ref.label] if ref is not None and not ref.exact else []
+        if args.graph:
+            display(story.draw())
+        display(fig)
+        display(
+            ComparisonView(
+                table,
+                grads=args.grad,
+                reference=ref.result if ref is not None else None,
+                notes=notes,
+                reference_label="exact" if ref is None or ref.exact else "reference",
+            )
+        )
+
+    def _train(self, args: argparse.Namespace, cell: str, ns: Any, estimator: Any, samples: int, seed: Any,
+               device: str, dtype: str) -> None:
+        """``--train STEPS``: the learning curve (per estimator with ``--compare``) and a table."""
+        from IPython.display import display
+
+        from ..engine.train import train, train_compare
+        from . import plots
+        from .display import TrainingView
+
+        story = self._located(self._story, cell)
+        story.reset()
+        lr = args.lr if args.lr is not None else TRAIN_LR
+        optimizer = args.optimizer or "adam"
+        common = {"steps": args.train, "lr": lr, "optimizer": optimizer, "samples": samples, "seed": seed,
+                  "namespace": ns, "device": device, "dtype": dtype}
+        if args.compare is not None:
+            outcome: Any = self._located(train_compare, story, args.compare, **common)
+            histories = outcome
+        else:
+            outcome = self._located(train, story, estimator=estimator, **common)
+            histories = {plots.estimator_label(estimator): outcome}
+        if args.out is not None:
+            self.shell.push({args.out: outcome})
+        if args.graph:
+            display(story.draw())
+        display(plots.learning_curve_figure(histories))
+        display(TrainingView(histories))
 
     # -- %storch --------------------------------------------------------------
 
