@@ -228,8 +228,8 @@ class _FirstOrderOnly(torch.autograd.Function):
         if torch.is_grad_enabled():  # create_graph=True: someone wants higher derivatives
             raise EstimatorError(
                 f"estimator `{ctx.name}` gives first derivatives only: its surrogate cannot be differentiated twice",
-                hint="for second derivatives use score (any baseline), rloo, enumerate, pathwise, "
-                "unordered_set, score_wor, indecater, measure_valued, go or lax",
+                hint="for second derivatives use score (any baseline), rloo, enumerate, unordered_set, "
+                "score_wor, indecater, measure_valued, lax, or pathwise where torch's rsample is twice differentiable",
             )
         return grad, None
 
