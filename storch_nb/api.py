@@ -34,6 +34,8 @@ def _dtype(dtype: Any) -> torch.dtype:
     if dtype is None:
         return torch.float32
     if isinstance(dtype, torch.dtype):
+        if not dtype.is_floating_point:
+            raise StoryError(f"dtype must be a floating point type, not {dtype}", hint="use float32 or float64")
         return dtype
     if isinstance(dtype, str) and dtype.removeprefix("torch.") in _DTYPES:
         return _DTYPES[dtype.removeprefix("torch.")]
@@ -64,10 +66,26 @@ def _resolve_device(device: Any) -> torch.device:
     return dev
 
 
+#: samples x runs above this cannot be indexed by torch (int64) nor finished in a lifetime
+MAX_DRAWS = 2**53
+
+
 def _positive_int(name: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise StoryError(f"{name} must be a positive int, not {value!r}")
+        raise StoryError(f"{name} must be a positive int, not {value!r}", hint=f"give e.g. {name}=1000")
+    if value > MAX_DRAWS:
+        raise StoryError(f"{name}={value:,} is more than can ever be run (at most 2**53)",
+                         hint=f"use a smaller {name}; runs=R with fewer samples each shows the spread")
     return value
+
+
+def _namespace(namespace: Any) -> Mapping[str, Any]:
+    if namespace is None:
+        return _EMPTY
+    if not isinstance(namespace, Mapping):
+        raise StoryError(f"namespace must be a mapping (a dict) from name to value, not {type(namespace).__name__}",
+                         hint="pass e.g. namespace=globals() or namespace={'w': w}")
+    return namespace
 
 
 def _free_names(statements) -> set[str]:
@@ -193,7 +211,8 @@ class Story:
             per = {}
             for k, v in estimator.items():
                 if not isinstance(v, str):
-                    raise EstimatorError(f"the estimator for site {k!r} must be text, not {type(v).__name__}")
+                    raise EstimatorError(f"the estimator for site {k!r} must be text, not {type(v).__name__}",
+                                         hint="e.g. estimator={'e': 'pathwise', 'b': 'score(baseline=\"rloo\")'}")
                 parse_spec(v)
                 per[str(k)] = v
             return per.pop("*", "auto") if "*" in per else "auto", per
@@ -262,9 +281,14 @@ class Story:
         t0 = time.perf_counter()
         samples = _positive_int("samples", samples)
         runs = _positive_int("runs", runs)
+        _positive_int("samples x runs", samples * runs)
+        if max_memory is not None and (isinstance(max_memory, bool) or not isinstance(max_memory, (int, float))
+                                       or not max_memory > 0):
+            raise StoryError(f"max_memory must be a positive number of bytes, not {max_memory!r}",
+                             hint="e.g. max_memory=4 * 2**30 for 4 GiB, or None for the default budget")
         dev = _device(device)
         dt = _dtype(dtype)
-        ns = namespace if namespace is not None else _EMPTY
+        ns = _namespace(namespace)
         default, per_site = self._estimator_spec(estimator)
         run_dim = runs > 1
         with Seeded(seed, dev):
@@ -650,18 +674,21 @@ def _eval_param(ref, ns, dtype: torch.dtype) -> torch.Tensor:
     try:
         value = eval(ref.expr.code, g)
     except Exception as exc:
-        raise StoryError(f"cannot compute the initial value: {type(exc).__name__}: {exc}", lineno=ref.lineno) from None
+        raise StoryError(f"cannot compute the initial value: {type(exc).__name__}: {exc}", lineno=ref.lineno,
+                         line=ref.line, hint="fix the value inside param(...)") from None
     if isinstance(value, bool) or not isinstance(value, (int, float, torch.Tensor)):
         raise StoryError(
             f"param() needs a number or a float tensor, not {type(value).__name__}",
             lineno=ref.lineno,
+            line=ref.line,
             hint="write e.g. `x = param(1.0)` or `x = param(torch.zeros(3))`",
         )
     if not isinstance(value, torch.Tensor):
         return torch.tensor(float(value), dtype=dtype)  # the Python number itself, in the run's dtype
     t = value
     if not (t.is_floating_point() or t.dtype in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)):
-        raise StoryError(f"param() needs a real number, not {t.dtype}", lineno=ref.lineno)
+        raise StoryError(f"param() needs a real number, not {t.dtype}", lineno=ref.lineno, line=ref.line,
+                         hint="write e.g. `x = param(torch.zeros(3))` (a float tensor)")
     return t.detach().clone()
 
 

@@ -59,6 +59,7 @@ class ParamRef:
     lineno: int | None = None
     expr: Expr | None = None
     value: Any = None  # the namespace tensor or module
+    line: str | None = None  # the story line of a param(...)
 
 
 @dataclass
@@ -106,7 +107,12 @@ class CostOp:
                     f"a cost must be a number or a tensor, not {type(v).__name__}",
                     hint="write `cost EXPR` with a numeric expression",
                 )
-        elif not (v.is_floating_point() or v.is_complex()):
+        elif v.is_complex():
+            raise StoryError(
+                f"a cost must be real, not {v.dtype}",
+                hint="take the real part, the absolute value or abs(x)**2 of the complex quantity",
+            )
+        elif not v.is_floating_point():
             v = v.to(ex.dtype)
         ex.costs.append((self, v))
 
@@ -299,6 +305,7 @@ class Planner:
         self.n_costs = _count_costs(program.statements)
         self.cost_k = 0
         self.cost_names: dict[int, int] = {}
+        self.unrolled = 0
 
     # ------------------------------------------------------------- helpers
     def unique(self, name: str) -> str:
@@ -495,7 +502,21 @@ class Planner:
                         f"range() needs ints, got {type(a).__name__}",
                         hint="loop over `range(K)` with K an int from the story or the notebook",
                     )
-            for i in range(*args):
+            try:
+                steps = range(*args)
+            except ValueError as exc:  # range(0, 5, 0)
+                raise StoryError(f"range() cannot run: {exc}", hint="give range a non-zero step") from None
+            try:
+                self.unrolled += len(steps) * len(st.body)
+            except OverflowError:  # more iterations than fit in a C ssize_t
+                self.unrolled = MAX_UNROLLED + 1
+            if self.unrolled > MAX_UNROLLED:
+                raise StoryError(
+                    f"the loop would unroll into {self.unrolled:,} steps, over the limit of {MAX_UNROLLED:,}",
+                    hint="storch_nb unrolls loops into one graph: use fewer iterations, or vectorize "
+                    "(e.g. one site with a batch of K values instead of K sites)",
+                )
+            for i in steps:
                 inner = {**loopvars, st.var: i}
                 self.ops.append(SetOp(st.var, i, st.lineno, st.line))
                 self.block(st.body, inner, f"{suffix}[{i}]")
@@ -509,7 +530,7 @@ class Planner:
                         hint="give a number or a tensor, e.g. `x = param(torch.zeros(3))`",
                         col=st.line.find(n),
                     )
-            self.params[st.target] = ParamRef(name, "story", st.lineno, st.expr)
+            self.params[st.target] = ParamRef(name, "story", st.lineno, st.expr, line=st.line)
             self.add_node(name, "param", st.lineno, ())
             self.scope[st.target] = (name, self.param_rank, frozenset({0}) if self.param_rank else frozenset())
             self.static.pop(st.target, None)
@@ -613,6 +634,10 @@ class Planner:
         self.ops.append(op)
         self.scope[st.target] = (name, rank, frozenset(dims))
         self.static.pop(st.target, None)
+
+
+#: the most statements a story may unroll into (loops included)
+MAX_UNROLLED = 10_000
 
 
 def _count_costs(statements) -> int:

@@ -215,6 +215,26 @@ def train(
     opt_name = optimizer if isinstance(optimizer, str) else getattr(optimizer, "__name__", str(optimizer))
     hist = History(estimator=_estimator_text(estimator), optimizer=str(opt_name).lower(), lr=float(lr), samples=samples)
     t0 = time.perf_counter()
+    saved: dict[str, tuple] = {}
+    try:
+        _train_steps(story, steps, estimator, optimizer, lr, samples, seed, ns, device, dtype, callback, hist, saved)
+    except BaseException:
+        # a failed or interrupted run puts every trained tensor back (values and .grad)
+        with torch.no_grad():
+            for p, value, grad in saved.values():
+                p.copy_(value)
+                p.grad = grad
+        raise
+    params = {n: p for n, (p, _, _) in saved.items()}
+    if not saved and steps == 0:
+        params = trainable(story, ns) if story.params else {}
+    hist.params = {n: p.detach().clone() for n, p in params.items()}
+    hist.seconds = time.perf_counter() - t0
+    return hist
+
+
+def _train_steps(story, steps, estimator, optimizer, lr, samples, seed, ns, device, dtype, callback, hist,
+                 saved) -> None:
     opt: torch.optim.Optimizer | None = None
     params: dict[str, torch.Tensor] = {}
     with Seeded(seed, _device_of(device)):
@@ -232,6 +252,7 @@ def train(
                         "there is nothing to train: the story has no parameters",
                         hint="declare one with `x = param(VALUE)`, or use a namespace tensor with requires_grad=True",
                     )
+                saved.update({n: (p, p.detach().clone(), p.grad) for n, p in params.items()})
                 opt, hist.optimizer = _make_optimizer(optimizer, list(params.values()), float(lr))
                 hist.trace = {n: [] for n, p in params.items() if p.numel() == 1}
             value = math.nan if res is None else res.cost
@@ -256,11 +277,6 @@ def train(
             if callback is not None and callback(step, hist) is True:
                 hist.stopped = f"the callback stopped training after step {step}"
                 break
-    if opt is None and steps == 0:
-        params = trainable(story, ns) if story.params else {}
-    hist.params = {n: p.detach().clone() for n, p in params.items()}
-    hist.seconds = time.perf_counter() - t0
-    return hist
 
 
 def _snapshot(params: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

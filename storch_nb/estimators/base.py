@@ -87,7 +87,8 @@ class Estimator:
                 hint=f"its options are: {known}",
             )
         if n is not None and (not isinstance(n, int) or isinstance(n, bool) or n < 1):
-            raise EstimatorError(f"option n of `{self.name}` must be a positive int, not {n!r}")
+            raise EstimatorError(f"option n of `{self.name}` must be a positive int, not {n!r}",
+                                 hint=f"write e.g. `using {self.name}(n=4)`")
         self.n = n
         self.opts = {**self.options, **options}
 

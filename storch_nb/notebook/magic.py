@@ -258,6 +258,8 @@ def _positive_int(what: str):
             raise argparse.ArgumentTypeError(f"{what} must be a positive integer, got {text!r}") from None
         if value < 1:
             raise argparse.ArgumentTypeError(f"{what} must be a positive integer, got {value}")
+        if value > 2**53:
+            raise argparse.ArgumentTypeError(f"{what} must be at most 2**53, got {value}")
         return value
 
     convert.__name__ = what
@@ -275,8 +277,8 @@ def _seed_type(text: str) -> Any:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"seed must be a non-negative integer or none, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"seed must be a non-negative integer, got {value}")
+    if not 0 <= value < 2**64:
+        raise argparse.ArgumentTypeError(f"seed must be an integer from 0 to 2**64 - 1, got {value}")
     return value
 
 
@@ -560,6 +562,17 @@ class StorchMagics(Magics):
         or `%storch --NAME VALUE`. Lines in error messages count the %%storch
         line as line 1.
         """
+        import torch
+
+        # a cell that fails (or is interrupted) leaves torch's generator as it found it
+        rng = torch.get_rng_state()
+        try:
+            return self._cell(line, cell)
+        except BaseException:
+            torch.set_rng_state(rng)
+            raise
+
+    def _cell(self, line: str, cell: str) -> None:
         args = self._parse(self.storch_cell, line)
         samples = args.samples if args.samples is not None else self.samples
         estimator = args.estimator if args.estimator is not None else self.estimator

@@ -44,11 +44,30 @@ def parse(text: str) -> Program:
             col=lines[row - 1].index("\x00"),
             hint="remove the NUL character (often pasted from a binary file)",
         )
+    try:
+        return _parse(text, lines)
+    except (RecursionError, MemoryError):
+        row = _longest_line(lines)
+        raise StorySyntaxError(
+            "this expression is too deeply nested or too long to read",
+            lineno=row,
+            line=lines[row - 1] if lines else None,
+            hint="split it into several steps (`x1 = ...`, `x2 = x1 + ...`) or build it with torch (e.g. `sum(...)`)",
+        ) from None
+
+
+def _longest_line(lines) -> int | None:
+    if not lines:
+        return None
+    return max(range(len(lines)), key=lambda i: len(lines[i])) + 1
+
+
+def _parse(text: str, lines: tuple[str, ...]) -> Program:
     source, usings, edits = _rewrite(text, lines)
     try:
         module = ast.parse(source, mode="exec")
     except SyntaxError as exc:
-        row = exc.lineno or 1
+        row = min(exc.lineno or 1, max(1, len(lines)))
         col = _map_col(edits, row, (exc.offset or 1) - 1)
         raise StorySyntaxError(
             _python_message(exc.msg),
@@ -271,7 +290,10 @@ class _Walker:
                 raise self.error("this construct cannot be used in a story expression", sub)
         tree = ast.Expression(body=node)
         ast.fix_missing_locations(tree)
-        code = compile(tree, f"<story line {node.lineno}>", "eval")
+        try:
+            code = compile(tree, f"<story line {node.lineno}>", "eval")
+        except SyntaxError as exc:  # e.g. `f = *a`: ast.parse accepts it, compile does not
+            raise self.error(_python_message(exc.msg), node) from None
         return Expr(
             text=ast.unparse(node),
             node=node,
