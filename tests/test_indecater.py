@@ -13,30 +13,10 @@ import math
 import pytest
 import torch
 from conftest import assert_within, variance_se
+from conftest import check_hessian as _check_hessian
+from conftest import surrogate_hessian as _surrogate_hessian
 
 import storch_nb as sn
-
-
-def _surrogate_hessian(story: sn.Story, estimator: str, samples: int, seed: int, names: list[str]) -> torch.Tensor:
-    """The Hessian of ``story.surrogate(...)`` (create_graph=True, twice), flattened."""
-    loss = story.surrogate(samples=samples, estimator=estimator, seed=seed, dtype="float64")
-    params = [story.params[n] for n in names]
-    flat = torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, params, create_graph=True)])
-    rows = []
-    for i in range(flat.numel()):
-        hs = torch.autograd.grad(flat[i], params, retain_graph=True, allow_unused=True)
-        rows.append(torch.cat([(torch.zeros_like(p) if h is None else h).reshape(-1) for h, p in zip(hs, params)]))
-    return torch.stack(rows)
-
-
-def _check_hessian(story: sn.Story, estimator: str, samples: int, names: list[str], truth, seeds: int = 20) -> None:
-    """Mean Hessian over ``seeds`` surrogates within 4 SE (spread over seeds / sqrt(seeds);
-    with 19 degrees of freedom a correct estimator fails one entry with probability ~1e-3)."""
-    hs = torch.stack([_surrogate_hessian(story, estimator, samples, 500 + s, names) for s in range(seeds)])
-    truth = torch.as_tensor(truth, dtype=torch.float64)
-    assert_within(hs.mean(0), truth, hs.std(0) / math.sqrt(seeds), atol=1e-9, what=f"{estimator} Hessian")
-    torch.testing.assert_close(hs, hs.transpose(1, 2), rtol=1e-6, atol=1e-8)
-
 
 THETA = [0.1, -0.3, 0.5, 0.0, 0.2]
 CATEGORICAL = f"theta = param(torch.tensor({THETA}))\nk ~ Categorical(logits=theta)\ncost (k - 2.0)**2\n"
