@@ -69,15 +69,15 @@ ops wait for the thread pool (``Bernoulli.log_prob`` with gradients, through
 from __future__ import annotations
 
 import argparse
-import gc
 import math
 import statistics
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
+from bench_engine import Timing, race  # same folder: the house timing method
 from torch.distributions import Bernoulli, Categorical, Distribution
 
 import storch_nb
@@ -253,38 +253,7 @@ def score_variance_closed_form(p0: float, samples: int, t: float = 0.3) -> float
 
 
 # ------------------------------------------------------------------ timing
-@dataclass
-class Timing:
-    best: list[float] = field(default_factory=list)  # fastest call of each round, seconds
-
-    @property
-    def median(self) -> float:
-        return statistics.median(self.best)
-
-
-def _round(fn: Callable[[], object], calls: int) -> float:
-    clock = time.perf_counter
-    best = math.inf
-    for _ in range(calls):
-        t0 = clock()
-        fn()
-        dt = clock() - t0
-        if dt < best:
-            best = dt
-    return best
-
-
-def race(fns: dict[str, Callable[[], object]], rounds: int, calls: int, warmup: int) -> dict[str, Timing]:
-    """Alternate rounds of every function; each round keeps its fastest call."""
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    out = {k: Timing() for k in fns}
-    gc.collect()
-    for _ in range(rounds):
-        for k, fn in fns.items():
-            out[k].best.append(_round(fn, calls))
-    return out
+# the house timing method (alternating rounds, fastest call per round): bench_engine.race
 
 
 def fmt_time(seconds: float) -> str:

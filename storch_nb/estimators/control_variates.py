@@ -49,7 +49,25 @@ def _per_run(p: torch.Tensor, state: dict, dim: int, own: int) -> torch.Tensor:
     return p.reshape((p.shape[0],) + (1,) * (dim + own))
 
 
-class _Relaxed(Estimator):
+class _Learned(Estimator):
+    """Control-variate parameters in ``state["cv"]``, optimised by ``state["optimizer"]``."""
+
+    trainable = True
+
+    def cv_parameters(self, state: dict) -> list[torch.Tensor]:
+        return list(state["cv"].values()) if "cv" in state else []
+
+    def cv_step(self, state: dict, grads: list[torch.Tensor | None]) -> None:
+        opt = state.get("optimizer")
+        if opt is None:
+            return
+        for p, g in zip(self.cv_parameters(state), grads):
+            p.grad = None if g is None else g.detach()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+
+class _Relaxed(_Learned):
     plated = True
     higher_order = False  # first-order surrogate: second derivatives are refused
     trainable = True
@@ -124,18 +142,6 @@ class _Relaxed(Estimator):
         signal = f.detach() - c_cond
         return f + signal * first_order(log_p) + first_order(c_z - c_cond)
 
-    def cv_parameters(self, state: dict) -> list[torch.Tensor]:
-        return list(state["cv"].values()) if "cv" in state else []
-
-    def cv_step(self, state: dict, grads: list[torch.Tensor | None]) -> None:
-        opt = state.get("optimizer")
-        if opt is None:
-            return
-        for p, g in zip(self.cv_parameters(state), grads):
-            p.grad = None if g is None else g.detach()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
 
 @register_estimator("rebar")
 class REBAR(_Relaxed):
@@ -162,7 +168,7 @@ __all__ = ["REBAR", "RELAX", "LAX"]
 
 
 @register_estimator("lax")
-class LAX(Estimator):
+class LAX(_Learned):
     """LAX (Grathwohl et al., ICLR 2018, "Backpropagation through the Void:
     Optimizing control variates for black-box gradient estimation"), for
     continuous sites with a reparameterized sampler ``b = T(theta, eps)``::
@@ -240,15 +246,3 @@ class LAX(Estimator):
         log_p = site_sum(aux["log_p"], dim)
         box = torch.exp(log_p - log_p.detach())
         return box * f + (1 - box) * c_fixed + first_order(c_path)
-
-    def cv_parameters(self, state: dict) -> list[torch.Tensor]:
-        return list(state["cv"].values()) if "cv" in state else []
-
-    def cv_step(self, state: dict, grads: list[torch.Tensor | None]) -> None:
-        opt = state.get("optimizer")
-        if opt is None:
-            return
-        for p, g in zip(self.cv_parameters(state), grads):
-            p.grad = None if g is None else g.detach()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
