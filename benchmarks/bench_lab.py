@@ -37,15 +37,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-SEED_STORY = """\
-a = param(1.0)
-b = param(2.0)
-c = param(0.5)
-d = a + b
-e ~ Normal(c + b, 1)
-f = d * e**2
-cost f
-"""
+from bench_engine import SEED_STORY  # noqa: E402  (same folder)
+
 TARGET_MS = 300.0
 CYCLE = ("pathwise", "score", "rloo", "auto")
 

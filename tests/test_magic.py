@@ -11,6 +11,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import SEED_STORY
 from IPython.core.error import UsageError
 from IPython.core.interactiveshell import InteractiveShell
 from IPython.utils.capture import capture_output
@@ -19,15 +20,6 @@ from traitlets.config import Config
 from storch_nb.notebook import display as nbdisplay
 from storch_nb.notebook import magic as nbmagic
 
-SEED_STORY = """\
-a = param(1.0)
-b = param(2.0)
-c = param(0.5)
-d = a + b
-e ~ Normal(c + b, 1)
-f = d * e**2
-cost f
-"""
 SEED_TRUTH = {"a": 7.25, "b": 22.25, "c": 15.0}
 
 BERNOULLI_STORY = """\

@@ -24,6 +24,7 @@ import warnings
 
 import pytest
 import torch
+from conftest import SEED_STORY
 from IPython.core.error import UsageError
 from IPython.core.interactiveshell import InteractiveShell
 from IPython.utils.capture import capture_output
@@ -31,16 +32,6 @@ from torch import nn
 from traitlets.config import Config
 
 import storch_nb as sn
-
-SEED_STORY = """\
-a = param(1.0)
-b = param(2.0)
-c = param(0.5)
-d = a + b
-e ~ Normal(c + b, 1)
-f = d * e**2
-cost f
-"""
 
 # IPython's own bookkeeping names (run_cell adds them); everything else is the user's
 _IPYTHON = re.compile(r"^(_+|_i+|_i\d+|_\d+|_ih|_oh|_dh|In|Out|get_ipython|exit|quit|_exit_code)$")

@@ -282,11 +282,19 @@ def _seed_type(text: str) -> Any:
     return value
 
 
-def _device_type(text: str) -> str:
-    value = text.strip().lower()
-    if value not in _DEVICES:
-        raise argparse.ArgumentTypeError(f"device must be cpu, cuda or auto, got {text!r}")
-    return value
+def _choice_type(what: str, choices: tuple[str, ...]):
+    """An argparse type accepting one of ``choices`` (case-insensitive)."""
+
+    def parse(text: str) -> str:
+        value = text.strip().lower()
+        if value not in choices:
+            raise argparse.ArgumentTypeError(f"{what} must be one of {', '.join(choices)}, got {text!r}")
+        return value
+
+    return parse
+
+
+_device_type = _choice_type("device", _DEVICES)
 
 
 def _dtype_type(text: str) -> str:
@@ -349,11 +357,7 @@ def _lr_type(text: str) -> float:
     return value
 
 
-def _optimizer_type(text: str) -> str:
-    value = text.strip().lower()
-    if value not in _OPTIMIZERS:
-        raise argparse.ArgumentTypeError(f"optimizer must be one of {', '.join(_OPTIMIZERS)}, got {text!r}")
-    return value
+_optimizer_type = _choice_type("optimizer", _OPTIMIZERS)
 
 
 def _check_device(device: str) -> None:
