@@ -5,6 +5,7 @@ Run from the repository root::
     python benchmarks/bench_engine.py            # full run (under a minute)
     python benchmarks/bench_engine.py --quick    # smoke run (a few seconds)
     python benchmarks/bench_engine.py --profile  # where storch_nb's time goes at S=1000
+    python benchmarks/bench_engine.py --device cuda  # both sides on the GPU, S up to 10,000,000
 
 The story is the seed story (``d = a + b; e ~ Normal(c + b, 1); f = d * e**2;
 cost f``). Each case times the two sides in the same process, in alternating
@@ -30,8 +31,14 @@ Cases and targets (ratio = storch time / reference time):
    version (parameters expanded to (R, 1) leaves, draws of shape (R, S)) is
    shown for reference.
 
+With ``--device cuda`` both sides run on the GPU (the hand-written leaves are
+created there), every timed call is bracketed by ``torch.cuda.synchronize()``
+(so a call's time includes the kernels it queued), and the table gains a row
+S = 10,000,000 per estimator (target <= 1.1x, as for S = 1,000,000).
+
 The exit status is 0 unless ``--strict`` is given and a target is missed
-(timings on a shared machine are noisy; do not gate CI on them lightly).
+(timings on a shared machine are noisy; do not gate CI on them lightly), or
+``--device cuda`` is asked for where CUDA is not available (status 2).
 """
 
 from __future__ import annotations
@@ -70,13 +77,13 @@ ORACLE = {"cost": 21.75, "a": 7.25, "b": 22.25, "c": 15.0}
 
 
 # --------------------------------------------------------------- hand-written
-def _leaves(shape: tuple[int, ...] = ()) -> list[torch.Tensor]:
-    return [torch.full(shape, v, dtype=torch.float32, requires_grad=True) for v in (1.0, 2.0, 0.5)]
+def _leaves(shape: tuple[int, ...] = (), device: str = "cpu") -> list[torch.Tensor]:
+    return [torch.full(shape, v, dtype=torch.float32, device=device, requires_grad=True) for v in (1.0, 2.0, 0.5)]
 
 
-def hand(samples: int, estimator: str) -> Callable[[], tuple[float, tuple[torch.Tensor, ...]]]:
+def hand(samples: int, estimator: str, device: str = "cpu") -> Callable[[], tuple[float, tuple[torch.Tensor, ...]]]:
     """The seed story written by hand: one call = one gradient estimate."""
-    a, b, c = params = _leaves()
+    a, b, c = params = _leaves(device=device)
     grad = torch.autograd.grad
 
     if estimator == PATHWISE:
@@ -106,9 +113,11 @@ def hand(samples: int, estimator: str) -> Callable[[], tuple[float, tuple[torch.
     return call
 
 
-def hand_batched(runs: int, samples: int, estimator: str) -> Callable[[], tuple[float, tuple[torch.Tensor, ...]]]:
+def hand_batched(
+    runs: int, samples: int, estimator: str, device: str = "cpu"
+) -> Callable[[], tuple[float, tuple[torch.Tensor, ...]]]:
     """``runs`` independent estimates in one pass: parameters are (R, 1) leaves, draws (R, S)."""
-    a, b, c = params = _leaves((runs, 1))
+    a, b, c = params = _leaves((runs, 1), device)
     grad = torch.autograd.grad
 
     if estimator == PATHWISE:
@@ -138,9 +147,11 @@ def hand_batched(runs: int, samples: int, estimator: str) -> Callable[[], tuple[
     return call
 
 
-def storch(story: storch_nb.Story, samples: int, estimator: str, runs: int = 1) -> Callable[[], object]:
+def storch(
+    story: storch_nb.Story, samples: int, estimator: str, runs: int = 1, device: str = "cpu"
+) -> Callable[[], object]:
     def call():
-        return story.run(samples=samples, estimator=estimator, seed=None, runs=runs)
+        return story.run(samples=samples, estimator=estimator, seed=None, runs=runs, device=device)
 
     return call
 
@@ -156,28 +167,42 @@ class Timing:
         return statistics.median(self.best)
 
 
-def _round(fn: Callable[[], object], calls: int) -> float:
+def _round(fn: Callable[[], object], calls: int, sync: Callable[[], None] | None = None) -> float:
+    """The fastest of ``calls`` calls; with ``sync`` (``torch.cuda.synchronize``) each
+    call starts on an idle device and its time includes the kernels it queued."""
     clock = time.perf_counter
     best = math.inf
     for _ in range(calls):
+        if sync is not None:
+            sync()
         t0 = clock()
         fn()
+        if sync is not None:
+            sync()
         dt = clock() - t0
         if dt < best:
             best = dt
     return best
 
 
-def race(fns: dict[str, Callable[[], object]], rounds: int, calls: int, warmup: int) -> dict[str, Timing]:
+def race(
+    fns: dict[str, Callable[[], object]],
+    rounds: int,
+    calls: int,
+    warmup: int,
+    sync: Callable[[], None] | None = None,
+) -> dict[str, Timing]:
     """Alternate rounds of every function; each round keeps its fastest call."""
     for fn in fns.values():
         for _ in range(warmup):
             fn()
+    if sync is not None:
+        sync()
     out = {k: Timing(k, []) for k in fns}
     gc.collect()
     for _ in range(rounds):
         for k, fn in fns.items():
-            out[k].best.append(_round(fn, calls))
+            out[k].best.append(_round(fn, calls, sync))
     return out
 
 
@@ -189,11 +214,11 @@ def fmt_time(seconds: float) -> str:
 
 
 # ------------------------------------------------------------------ checks
-def sanity(story: storch_nb.Story) -> None:
+def sanity(story: storch_nb.Story, device: str = "cpu") -> None:
     """Both sides compute the same estimate (closed forms, S = 1e6)."""
     for est in ESTIMATORS:
-        res = story.run(samples=10**6, estimator=est, seed=0)
-        cost, grads = hand(10**6, est)()
+        res = story.run(samples=10**6, estimator=est, seed=0, device=device)
+        cost, grads = hand(10**6, est, device)()
         got = {"storch": (res.cost, *(res.grads[k].item() for k in "abc")), "hand": (cost, *(g.item() for g in grads))}
         for side, vals in got.items():
             for key, v in zip(ORACLE, vals):
@@ -219,14 +244,14 @@ def import_time() -> float:
 
 
 # ----------------------------------------------------------------- profile
-def profile(samples: int = 1000, calls: int = 3000, top: int = 25) -> None:
+def profile(samples: int = 1000, calls: int = 3000, top: int = 25, device: str = "cpu") -> None:
     """cProfile of ``Story.run`` at ``samples``: the costliest functions, µs per call."""
     import cProfile
     import pstats
 
     story = storch_nb.Story(SEED_STORY)
     for est in ESTIMATORS:
-        fn = storch(story, samples, est)
+        fn = storch(story, samples, est, device=device)
         for _ in range(200):
             fn()
         prof = cProfile.Profile()
@@ -254,43 +279,70 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="few rounds: a smoke run, not a measurement")
     ap.add_argument("--strict", action="store_true", help="exit 1 when a target is missed")
     ap.add_argument("--profile", action="store_true", help="only profile Story.run at S=1000 (cProfile)")
+    ap.add_argument(
+        "--device",
+        choices=("cpu", "cuda"),
+        default="cpu",
+        help="where both sides run (default cpu); cuda times with torch.cuda.synchronize()",
+    )
     args = ap.parse_args(argv)
+    device = args.device
+    sync = None
+    if device == "cuda":
+        if not torch.cuda.is_available():
+            print(
+                f"bench_engine: --device cuda, but CUDA is not available to torch {torch.__version__} "
+                f"(torch.version.cuda = {torch.version.cuda}); nothing was timed",
+                file=sys.stderr,
+            )
+            return 2
+        sync = torch.cuda.synchronize
 
     if args.profile:
-        profile()
+        profile(device=device)
         return 0
 
     print(
         f"torch {torch.__version__}, storch_nb {storch_nb.__version__}, python {sys.version.split()[0]}, "
         f"torch.get_num_threads() = {torch.get_num_threads()}" + (" (--quick: smoke run)" if args.quick else "")
     )
+    if device == "cuda":
+        print(
+            f"device cuda: {torch.cuda.get_device_name()} (CUDA {torch.version.cuda}); "
+            "every timed call is bracketed by torch.cuda.synchronize()"
+        )
 
     story = storch_nb.Story(SEED_STORY)
     if not args.quick:
-        sanity(story)
+        sanity(story, device)
 
     # (rounds, calls per round, warm-up calls) per size
     small = (3, 30, 20) if args.quick else (15, 200, 200)
     large = (3, 1, 1) if args.quick else (15, 5, 3)
     batched = (3, 5, 3) if args.quick else (9, 20, 10)
 
+    sizes = [(1000, small), (10**6, large)]
+    if device == "cuda":
+        sizes.append((10**7, large))
     rows = []  # case, estimator, reference label, ref time, storch time, target
     for est, short in ESTIMATORS.items():
-        for n, (rounds, calls, warm) in ((1000, small), (10**6, large)):
-            t = race({"storch": storch(story, n, est), "hand": hand(n, est)}, rounds, calls, warm)
+        for n, (rounds, calls, warm) in sizes:
+            t = race({"storch": storch(story, n, est, device=device), "hand": hand(n, est, device)},
+                     rounds, calls, warm, sync)  # fmt: skip
             target = 1.5 if n == 1000 else 1.1
             rows.append((f"S={n:,}", short, "hand-written", t["hand"], t["storch"], target))
     for est, short in ESTIMATORS.items():
         rounds, calls, warm = batched
         t = race(
             {
-                "runs": storch(story, 100, est, runs=1000),
-                "flat": storch(story, 100_000, est),
-                "hand": hand_batched(1000, 100, est),
+                "runs": storch(story, 100, est, runs=1000, device=device),
+                "flat": storch(story, 100_000, est, device=device),
+                "hand": hand_batched(1000, 100, est, device),
             },
             rounds,
             calls,
             warm,
+            sync,
         )
         rows.append(("runs=1000 × S=100", short, "storch runs=1, S=100,000", t["flat"], t["runs"], 1.5))
         rows.append(("runs=1000 × S=100", short, "hand-written (R,S) batch", t["hand"], t["runs"], None))
