@@ -7,6 +7,7 @@ from torch.distributions import Distribution
 
 from ..errors import EstimatorError, StoryError, StoryNameError
 from ..estimators import Estimator, auto_estimator
+from .devices import on_device, same_device
 from .plan import Plan, SiteOp
 
 
@@ -66,9 +67,12 @@ class Execution:
         key = (op.node, "estimator", est.text())  # each estimator keeps its own state per site
         state = self.state.setdefault(key, {})
         runs = self.sizes[0] if self.plan.run_dim else None
-        if state.get("runs", 0) != runs:  # control variates are per run: start afresh
+        if (state.get("runs", 0) != runs or state.get("dtype") != self.dtype
+                or not same_device(state.get("device"), self.device)):
+            # control variates are per run, and live on the run's device in its dtype: start afresh
             state.clear()
             state["runs"] = runs
+            state["device"], state["dtype"] = self.device, self.dtype
         try:
             value, aux = est.sample_variants(dist, op.plate, size, state)
         except EstimatorError as exc:
@@ -124,24 +128,57 @@ class PlateReducer:
 
 def execute(plan: Plan, env: dict, sizes: list[int], dtype, device, validate: bool, max_outcomes: int = 10**6,
             state: dict | None = None) -> Execution:
-    """Run every op of the plan; convert errors to StoryErrors that name the line."""
+    """Run every op of the plan; convert errors to StoryErrors that name the line.
+
+    The namespace tensors the story reads are put on the run's device first, and
+    the ops run in a ``torch.device`` context, so that the tensors a story line
+    makes (``torch.arange(5.0)``) are made there too; torch's default device is
+    left as it was."""
     ex = Execution(plan, env, sizes, dtype, device, validate, max_outcomes, state)
-    for op in plan.ops:
-        try:
-            op.run(ex)
-        except StoryError as exc:
-            raise exc.located(op.lineno, op.line) from None
-        except NameError as exc:
-            name = getattr(exc, "name", None) or str(exc)
-            raise StoryNameError(
-                f"name `{name}` is not defined",
-                lineno=op.lineno,
-                line=op.line,
-                hint="define it earlier in the story or in the notebook",
-            ) from None
-        except Exception as exc:
-            raise step_error(op, exc) from exc
+    if plan.constants:
+        place_constants(plan, device)
+    with on_device(device):
+        for op in plan.ops:
+            try:
+                op.run(ex)
+            except StoryError as exc:
+                raise exc.located(op.lineno, op.line) from None
+            except NameError as exc:
+                name = getattr(exc, "name", None) or str(exc)
+                raise StoryNameError(
+                    f"name `{name}` is not defined",
+                    lineno=op.lineno,
+                    line=op.line,
+                    hint="define it earlier in the story or in the notebook",
+                ) from None
+            except Exception as exc:
+                raise step_error(op, exc) from exc
     return ex
+
+
+def _version(t: torch.Tensor) -> int | None:
+    try:
+        return t._version
+    except RuntimeError:  # an inference-mode tensor keeps no version counter
+        return None
+
+
+def place_constants(plan: Plan, device) -> None:
+    """The namespace tensors the story reads as constants, on the run's device:
+    the tensor itself where it is there already (no copy: the CPU run reads the
+    user's tensor), else a copy, made again when the tensor was changed in place
+    since. Their dtype is kept (torch's type promotion applies, as on the CPU);
+    the user's tensors are never moved."""
+    for name, src in plan.constants.items():
+        if device is None or same_device(src.device, device):
+            plan.globals[name] = src
+            continue
+        version = _version(src)
+        got = plan.placed.get(name)
+        if got is None or version is None or got[0] != version or not same_device(got[1].device, device):
+            copy = src.detach().to(device)
+            plan.placed[name] = (version, copy)
+            plan.globals[name] = copy
 
 
 def step_error(op, exc: Exception) -> StoryError:

@@ -21,7 +21,21 @@ def _sum(x, *args, **kwargs):
 
 
 def _mean(x, *args, **kwargs):
-    return torch.mean(x, *args, **kwargs) if isinstance(x, torch.Tensor) else torch.mean(torch.as_tensor(x, dtype=torch.float))
+    """``torch.mean`` of a tensor. Of a list or tuple holding tensors, the mean of its
+    items, entry by entry (their sum over their number, as ``sum`` adds them; with
+    ``dim`` arguments, ``torch.mean`` of the items stacked along a new first dim),
+    which keeps their gradient, device and dtype and runs under vmap. Of numbers,
+    a float32 tensor as before."""
+    if isinstance(x, torch.Tensor):
+        return torch.mean(x, *args, **kwargs)
+    if isinstance(x, (list, tuple)) and x:
+        ref = next((v for v in x if isinstance(v, torch.Tensor)), None)
+        if ref is not None:
+            if not args and not kwargs:
+                return builtins.sum(x) / len(x)
+            items = [v if isinstance(v, torch.Tensor) else torch.as_tensor(v, dtype=ref.dtype, device=ref.device) for v in x]
+            return torch.mean(torch.stack(torch.broadcast_tensors(*items)), *args, **kwargs)
+    return torch.mean(torch.as_tensor(x, dtype=torch.float))
 
 
 def _abs(x):

@@ -259,6 +259,12 @@ class Plan:
     run_dim: bool
     batched_params: bool
     validated: bool = False
+    #: the globals every compiled expression reads (helpers and namespace values)
+    globals: dict = field(default_factory=dict, repr=False)
+    #: namespace tensors read as constants: name -> the user's tensor
+    constants: dict = field(default_factory=dict, repr=False)
+    #: their copies on the plan's device: name -> (the tensor's version when copied, copy)
+    placed: dict = field(default_factory=dict, repr=False)
 
     @property
     def param_rank(self) -> int:
@@ -301,6 +307,7 @@ class Planner:
         self.cost_ops: list[CostOp] = []
         self.globals: dict[str, Any] = dict(HELPERS)
         self.globals["__builtins__"] = BUILTINS
+        self.constants: dict[str, torch.Tensor] = {}  # namespace tensors read as constants
         self.n_plates = 0
         self.n_costs = _count_costs(program.statements)
         self.cost_k = 0
@@ -383,6 +390,7 @@ class Planner:
                     self.globals[name] = value
                     if isinstance(value, torch.Tensor):
                         const_own = max(const_own, value.dim())
+                        self.constants[name] = value  # put on the run's device by execute()
             elif name in HELPERS or name in BUILTINS:
                 continue
             else:
@@ -483,6 +491,8 @@ class Planner:
             modules=self.modules,
             run_dim=self.run_dim,
             batched_params=self.batched_params,
+            globals=self.globals,
+            constants=self.constants,
         )
 
     def block(self, statements: tuple[Statement, ...], loopvars: dict[str, int], suffix: str) -> None:

@@ -23,6 +23,7 @@ import torch
 
 from ..errors import StoryError
 from ..estimators.base import first_order_only
+from .devices import same_device
 from .execute import Execution
 
 
@@ -107,8 +108,10 @@ def build(ex: Execution, state: dict, keep: int, stop: int | None = None, first_
             for site, est, lp in scored:
                 key = (site.node, op.node)
                 st = state.get(key)
-                if st is None or st.get("sizes") != ex.sizes[:keep]:
-                    st = state[key] = {"sizes": ex.sizes[:keep], "run_dims": keep}
+                if (st is None or st.get("sizes") != ex.sizes[:keep] or st.get("dtype") != ex.dtype
+                        or not same_device(st.get("device"), ex.device)):
+                    # baseline state (moving averages) per run, on the run's device in its dtype
+                    st = state[key] = {"sizes": ex.sizes[:keep], "run_dims": keep, "device": ex.device, "dtype": ex.dtype}
                 dim = site.plate if site.plate is not None and est.n is not None else site.sample_dim
                 # the site's learning signal: the cost, summed over the enumerated
                 # outcomes that do not come before the site (its expectation over them)

@@ -264,11 +264,12 @@ def _train_steps(story, steps, estimator, optimizer, lr, samples, seed, ns, devi
                 hist.grad_norm.append(math.nan)
                 warnings.warn(f"training stopped: {hist.stopped} (try a smaller lr)", stacklevel=2)
                 break
-            # Story.run gives the estimator's gradient (and trains control variates such as RELAX's)
+            # Story.run gives the estimator's gradient (and trains control variates such as RELAX's),
+            # on the run's device in its dtype: a namespace tensor elsewhere gets it on its own device
             sq = 0.0
             for n, p in params.items():
                 g = res.grads.get(n)
-                p.grad = None if g is None else g.detach().to(p.dtype)
+                p.grad = None if g is None else g.detach().to(device=p.device, dtype=p.dtype)
                 if g is not None:
                     sq += float(g.detach().double().pow(2).sum())
             hist.grad_norm.append(math.sqrt(sq))
