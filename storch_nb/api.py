@@ -17,7 +17,7 @@ from .engine.plan import Plan, Planner
 from .engine.result import Comparison, Result
 from .engine.rng import Seeded
 from .errors import EstimatorError, StoryError
-from .estimators import parse_spec
+from .estimators import make_estimator, parse_spec
 from .graph import Graph
 from .story.parse import parse
 from .story.statements import Assign, Cost, Loop, Param, Site
@@ -180,23 +180,45 @@ class Story:
         return plan
 
     def _leaves(self, plan: Plan, ns, device, dtype) -> dict[str, torch.Tensor]:
-        """The parameter tensors a run differentiates: name -> tensor as used."""
+        """The parameter tensors a run differentiates: name -> tensor as used.
+
+        The story's own parameters live on the run's device in its dtype. A
+        namespace tensor there in that dtype is used itself; one elsewhere (or a
+        float tensor of another dtype) through a differentiable copy
+        ``t.to(device, dtype)``, made afresh each run: the run's gradients are
+        the copy's (``train`` puts them on the tensor's own device and dtype) and
+        ``backward()`` through a surrogate reaches the user's tensor, which is
+        never moved. ``nn.Module``s are not moved either (that would change the
+        user's module): one that is not on the run's device is refused."""
+        from .engine.devices import on_device, same_device
+
+        for mname, mod in plan.modules.items():
+            for t in (*mod.parameters(), *mod.buffers()):
+                if not same_device(t.device, device):
+                    where = device.type if device.index is None else str(device)
+                    raise StoryError(
+                        f"module `{mname}` has tensors on {t.device}, but the story runs on {where}",
+                        hint=f"move the module there first with `{mname}.to('{where}')`, "
+                        f"or run with device='{t.device}'",
+                    )
         out = {}
         for var, ref in plan.params.items():
             if ref.source == "story":
                 leaf = self._params.get(var)
-                if leaf is None or leaf.device != device or leaf.dtype != dtype:
+                if leaf is None or not same_device(leaf.device, device) or leaf.dtype != dtype:
                     if leaf is not None:
                         value = leaf.detach()
                     else:
-                        value = _eval_param(ref, ns, dtype)
+                        with on_device(device):  # param(torch.zeros(3)) made on the run's device
+                            value = _eval_param(ref, ns, dtype)
                     leaf = value.to(device=device, dtype=dtype).detach().requires_grad_(True)
                     self._params[var] = leaf
                 out[var] = leaf
             else:
                 t = ref.value
-                if t.device != device:
-                    t = t.to(device)
+                want = dtype if t.is_floating_point() else t.dtype
+                if not same_device(t.device, device) or t.dtype != want:
+                    t = t.to(device=device, dtype=want)  # differentiable: gradients reach the user's tensor
                 out[var] = t
         return out
 
@@ -291,16 +313,21 @@ class Story:
         ns = _namespace(namespace)
         default, per_site = self._estimator_spec(estimator)
         run_dim = runs > 1
+        # learned control variates (RELAX, REBAR, LAX) fit on per-sample gradients where they can
+        fit_cv = not run_dim and samples > 1 and _learns_cv(default, per_site)
         with Seeded(seed, dev):
-            probe = self._plan(ns, default, per_site, run_dim, run_dim or stderr, dev, dt)
+            probe = self._plan(ns, default, per_site, run_dim, run_dim or stderr or fit_cv, dev, dt)
             if probe.modules and (run_dim or stderr):
                 return self._run_modules(ns, default, per_site, samples, runs, dev, dt, t0, max_outcomes)
+            if probe.modules and fit_cv:  # module weights are not batched per sample
+                fit_cv = False
+                probe = self._plan(ns, default, per_site, run_dim, False, dev, dt)
             leaves = self._leaves(probe, ns, dev, dt)
             if (samples * runs >= _CHUNK_CHECK or max_memory is not None) and samples > 1:
                 chunk = self._chunk_size(probe, leaves, samples, runs, dev, dt, max_outcomes, max_memory)
                 if chunk < samples:
                     return self._run_chunked(chunk, samples, estimator, dev, runs, ns, dt, stderr, max_outcomes, t0)
-            per_sample = stderr and not run_dim
+            per_sample = (stderr or fit_cv) and not run_dim
             try:
                 total, used, ex = self._pass(probe, leaves, samples, runs, dev, dt, max_outcomes, per_sample, True)
             except torch.cuda.OutOfMemoryError:
@@ -314,7 +341,7 @@ class Story:
             if per_sample:
                 terms = total.detach()
                 total = total.mean() if total.dim() else total
-                if terms.dim() and samples > 1:
+                if stderr and terms.dim() and samples > 1:
                     cost_se = (terms.expand(samples).std() / math.sqrt(samples)).item()
             names = list(used)
             inputs = list(used.values())
@@ -338,7 +365,9 @@ class Story:
             # method) standard error: it understates the error where that first-order term
             # vanishes (the Bernoulli toy at p = 1/2) and at a handful of samples; runs > 1
             # gives the exact spread.
-            err = {k: math.sqrt(samples) * g.std(0, unbiased=True) if samples > 1 else torch.full_like(g[0], float("nan")) for k, g in grads.items()}
+            if stderr:
+                err = {k: math.sqrt(samples) * g.std(0, unbiased=True) if samples > 1 else torch.full_like(g[0], float("nan"))
+                       for k, g in grads.items()}
             grads = {k: g.sum(0) for k, g in grads.items()}
         elif run_dim:
             err = {k: g.std(0, unbiased=True) / math.sqrt(runs) for k, g in grads.items()}
@@ -427,11 +456,16 @@ class Story:
             cv_params += ps
         proxy = sum((g**2).sum() for g in gs if g is not None and g.requires_grad)
         if cv_params and isinstance(proxy, torch.Tensor) and proxy.requires_grad:
-            cv_grads = torch.autograd.grad(proxy, cv_params, allow_unused=True)
-            i = 0
-            for est, st, k in owners:
-                est.cv_step(st, list(cv_grads[i : i + k]))
+            # estimators that fit part of their control variate by least squares
+            # differentiate these gradients once more (the proxy's Hessian)
+            second = any(est.cv_second_order for est, _, k in owners if k)
+            cv_grads = torch.autograd.grad(proxy, cv_params, allow_unused=True, create_graph=second)
+            i, prepared = 0, []
+            for est, st, k in owners:  # every estimator reads the graph before any changes its parameters
+                prepared.append(est.cv_prepare(st, list(cv_grads[i : i + k])))
                 i += k
+            for (est, st, _), prep in zip(owners, prepared):
+                est.cv_step(st, prep)
         return [None if g is None else g.detach() for g in gs]
 
     def _run_modules(self, ns, default, per_site, samples, runs, dev, dt, t0, max_outcomes) -> Result:
@@ -617,6 +651,11 @@ class Story:
 
 _CHUNK_CHECK = 1 << 22  # samples x runs from which a run's memory is estimated first
 _PROBE_SAMPLES = 256
+
+
+def _learns_cv(default: str, per_site: Mapping[str, str]) -> bool:
+    """Whether an estimator named in the spec learns a control variate."""
+    return any(getattr(make_estimator(text), "trainable", False) for text in (default, *per_site.values()))
 
 
 def _default_budget(dev: torch.device) -> float:

@@ -222,6 +222,10 @@ CATALOGUE: list[Bad] = [
         2,
     ),
     Bad("using-float-n", "t = param(0.0)\nb ~ Bernoulli(logits=t) using score(n=2.5)\ncost b\n", EstimatorError, 2),
+    Bad("relax-ema-one", "t = param(0.0)\nb ~ Bernoulli(logits=t) using relax(ema=1)\ncost b\n", EstimatorError, 2),
+    Bad("relax-negative-ridge", "t = param(0.0)\nb ~ Bernoulli(logits=t) using relax(ridge=-1)\ncost b\n", EstimatorError, 2),
+    Bad("rebar-loo-number", "t = param(0.0)\nb ~ Bernoulli(logits=t) using rebar(loo=1)\ncost b\n", EstimatorError, 2),
+    Bad("rebar-text-eta", "t = param(0.0)\nb ~ Bernoulli(logits=t) using rebar(eta='x')\ncost b\n", EstimatorError, 2),
     Bad(
         "using-bad-baseline",
         "t = param(0.0)\nb ~ Bernoulli(logits=t) using score(baseline='bogus')\ncost b\n",

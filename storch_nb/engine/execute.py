@@ -73,6 +73,7 @@ class Execution:
             state.clear()
             state["runs"] = runs
             state["device"], state["dtype"] = self.device, self.dtype
+        state["sample_dim"] = op.sample_dim  # where the story's samples lie (sample-comparing estimators)
         try:
             value, aux = est.sample_variants(dist, op.plate, size, state)
         except EstimatorError as exc:

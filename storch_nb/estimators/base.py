@@ -172,10 +172,20 @@ class Estimator:
         """Control-variate parameters to train (``trainable`` estimators)."""
         return []
 
-    def cv_step(self, state: dict, grads: list[torch.Tensor | None]) -> None:
+    #: whether :meth:`cv_prepare` needs the proxy's gradients with their graph
+    #: (to differentiate them again: second-order fits of the control variate)
+    cv_second_order: ClassVar[bool] = False
+
+    def cv_prepare(self, state: dict, grads: list[torch.Tensor | None]) -> Any:
+        """Whatever :meth:`cv_step` needs from the gradients of the estimator's
+        variance proxy (sum of squared gradient estimates) with respect to its
+        control-variate parameters, computed before any estimator changes its
+        parameters (default: the gradients, detached)."""
+        return [None if g is None else g.detach() for g in grads]
+
+    def cv_step(self, state: dict, prepared: Any) -> None:
         """Apply one optimisation step to the control-variate parameters, given
-        the gradients of the estimator's variance proxy (sum of squared gradient
-        estimates) with respect to them."""
+        what :meth:`cv_prepare` returned."""
 
     # ------------------------------------------------------------ baselines
     def baseline(self, signal: torch.Tensor, dim: int, state: dict) -> torch.Tensor | None:

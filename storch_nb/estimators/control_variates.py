@@ -20,10 +20,25 @@ With logits ``theta``, ``p = sigmoid(theta)``, ``u, v ~ U(0, 1)``::
       g = [f(b) - c_phi(z~)] d/dtheta log p(b) + d/dtheta c_phi(z) - d/dtheta c_phi(z~)
 
 Both are unbiased for any value of their control-variate parameters, which
-the engine trains after every ``Story.run`` (Adam, option ``lr``) to minimise
-the variance proxy ``sum g^2`` (its gradient equals that of the variance,
-since ``E[g]`` does not depend on them). The state lives on the Story, per
-site and per run, and ``story.reset()`` clears it. Each estimate evaluates
+the engine fits after every ``Story.run`` to minimise the variance proxy
+``sum g^2`` (its gradient equals that of the variance, since ``E[g]`` does not
+depend on them): the coefficients ``eta`` and ``rho``, in which ``g`` is
+linear, by least squares on exponentially averaged statistics of the draws
+seen so far (options ``ema``, ``ridge``; see ``_Relaxed.cv_step``), and the
+temperature ``lambda`` by Adam (option ``lr``; ``lr=0`` freezes everything).
+Where the story runs one batch of samples the proxy sums the squares of the
+per-sample estimates, which pins the coefficients down far faster than the
+square of their mean. The state lives on the Story, per site and per run, and
+``story.reset()`` clears it. REBAR starts at ``eta=1``; RELAX starts with
+every coefficient at zero (``eta=0``), where it is the score function with
+the leave-one-out baseline below, so a poor first control variate cannot
+send a large first step to the optimiser.
+
+With several samples (option ``loo``, on by default) each sample's residual
+``f(b) - c_phi(z~)`` is further reduced by the mean residual of the other
+samples of the batch (Kool et al., 2019, "Buy 4 REINFORCE samples, get a
+baseline for free!"), which is independent of the sample and keeps ``g``
+unbiased. Each estimate evaluates
 the downstream story three times per particle (at ``b``, ``sigmoid(z/lambda)``
 and ``sigmoid(z~/lambda)``), so the cost must accept relaxed values in [0, 1].
 Note: the conditional sample uses ``log(1 - p)`` terms (through ``1 - p``),
@@ -57,12 +72,12 @@ class _Learned(Estimator):
     def cv_parameters(self, state: dict) -> list[torch.Tensor]:
         return list(state["cv"].values()) if "cv" in state else []
 
-    def cv_step(self, state: dict, grads: list[torch.Tensor | None]) -> None:
+    def cv_step(self, state: dict, prepared: list[torch.Tensor | None]) -> None:
         opt = state.get("optimizer")
         if opt is None:
             return
-        for p, g in zip(self.cv_parameters(state), grads):
-            p.grad = None if g is None else g.detach()
+        for p, g in zip(self.cv_parameters(state), prepared):
+            p.grad = g
         opt.step()
         opt.zero_grad(set_to_none=True)
 
@@ -71,16 +86,27 @@ class _Relaxed(_Learned):
     plated = True
     higher_order = False  # first-order surrogate: second derivatives are refused
     trainable = True
-    options = {"temperature": 0.5, "eta": 1.0, "lr": 0.01}
+    cv_second_order = True
+    options = {"temperature": 0.5, "eta": 1.0, "lr": 0.01, "ema": 0.9, "ridge": 1e-3, "loo": True}
     learned_r = False
 
     def __init__(self, n: int | None = None, **options) -> None:
         super().__init__(n=n, **options)
-        t, lr = self.opts["temperature"], self.opts["lr"]
-        if not isinstance(t, (int, float)) or t <= 0:
-            raise EstimatorError(f"temperature must be a positive number, not {t!r}")
-        if not isinstance(lr, (int, float)) or lr < 0:
-            raise EstimatorError(f"lr must be a number >= 0, not {lr!r}")
+        o = self.opts
+        name = self.name
+        example = f"e.g. {name}(temperature=0.5, eta={self.options['eta']}, lr=0.01, ema=0.9, ridge=1e-3, loo=True)"
+        for key, low, strict in (("temperature", 0, True), ("lr", 0, False), ("ridge", 0, False), ("ema", 0, False)):
+            v = o[key]
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or (v <= low if strict else v < low):
+                raise EstimatorError(f"{name}: {key} must be a number {'>' if strict else '>='} {low}, not {v!r}",
+                                     hint=example)
+        if not o["ema"] < 1:
+            raise EstimatorError(f"{name}: ema must be below 1, not {o['ema']!r}",
+                                 hint="ema is the decay of the averaged fit statistics: 0 uses the last call only, 0.9 about ten")
+        if isinstance(o["eta"], bool) or not isinstance(o["eta"], (int, float)):
+            raise EstimatorError(f"{name}: eta must be a number, not {o['eta']!r}", hint=example)
+        if not isinstance(o["loo"], bool):
+            raise EstimatorError(f"{name}: loo must be True or False, not {o['loo']!r}", hint=example)
 
     def fits(self, dist: Distribution) -> str | None:
         if not isinstance(dist, Bernoulli):
@@ -93,19 +119,91 @@ class _Relaxed(_Learned):
         return 3
 
     def params(self, state: dict, like: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``cv["lin"]``: the linear coefficients ``(eta[, rho_0, rho_1, rho_2])``
+        per run; ``cv["log_temperature"]``: ``log lambda`` per run."""
         cv = state.get("cv")
         if cv is None:
             shape = (state["runs"],) if state.get("runs") is not None else ()
             kw = {"dtype": like.dtype, "device": like.device}
+            lin = torch.zeros(shape + (4 if self.learned_r else 1,), **kw)
+            lin[..., 0] = float(self.opts["eta"])
             cv = {
-                "eta": torch.full(shape, float(self.opts["eta"]), **kw).requires_grad_(True),
+                "lin": lin.requires_grad_(True),
                 "log_temperature": torch.full(shape, math.log(self.opts["temperature"]), **kw).requires_grad_(True),
             }
-            if self.learned_r:
-                cv["rho"] = torch.zeros(shape + (3,), **kw).requires_grad_(True)
             state["cv"] = cv
-            state["optimizer"] = torch.optim.Adam(list(cv.values()), lr=self.opts["lr"]) if self.opts["lr"] > 0 else None
+            state["init"] = lin.detach().clone()
+            lr = self.opts["lr"]
+            state["optimizer"] = torch.optim.Adam([cv["log_temperature"]], lr=lr) if lr > 0 else None
         return cv
+
+    def cv_prepare(self, state: dict, grads: list[torch.Tensor | None]) -> Any:
+        """The proxy's gradient and Hessian in the linear coefficients (one
+        backward pass per coefficient), and its gradient in the temperature."""
+        cv = state.get("cv")
+        if cv is None or state.get("optimizer") is None:
+            return None
+        g = dict(zip(cv, grads))
+        lin, grad = cv["lin"], g.get("lin")
+        gt = g.get("log_temperature")
+        gt = None if gt is None else gt.detach()
+        if grad is None:  # the estimate does not depend on the control variate
+            return None, None, gt
+        k = lin.shape[-1]
+        if grad.requires_grad:
+            rows = [torch.autograd.grad(grad[..., i].sum(), lin, retain_graph=True, allow_unused=True)[0] for i in range(k)]
+            hess = torch.stack([torch.zeros_like(lin) if r is None else r for r in rows], -2).detach()
+        else:
+            hess = torch.zeros(lin.shape + (k,), dtype=lin.dtype, device=lin.device)
+        return grad.detach(), hess, gt
+
+    def cv_step(self, state: dict, prepared: Any) -> None:
+        """Least squares for the linear coefficients, Adam for the temperature.
+
+        With the temperature fixed, the estimate ``g = A - sum_k phi_k B_k`` is
+        linear in ``phi = (eta, rho)``, so the variance proxy ``P = sum g^2``
+        (summed over the parameters and, where the engine has them, the
+        samples) is quadratic in ``phi``: its Hessian ``H = 2 B^T B`` and
+        ``b = H phi - dP/dphi = 2 B^T A`` do not depend on ``phi``.
+        Exponential averages of ``H`` and ``b`` over steps (decay ``ema``)
+        give ``phi = (H + ridge * mean(diag H) * I)^-1 b``, the
+        variance-minimising coefficients for the draws seen so far. The next
+        estimate uses them, so it stays unbiased. (Gradient steps on this
+        quadratic are slow: features such as ``f(sigmoid(z / lambda))`` and
+        ``sigmoid(z)`` are nearly collinear, and Adam's steps jitter the
+        coefficients by about its learning rate, which on a weak signal is
+        noise far above the gradient being estimated.)
+        """
+        if prepared is None:  # lr=0: the control variate stays as it is
+            return
+        grad, hess, gt = prepared
+        cv = state["cv"]
+        if grad is not None:
+            lin = cv["lin"]
+            k = lin.shape[-1]
+            with torch.no_grad():
+                b = (hess @ lin.unsqueeze(-1)).squeeze(-1) - grad
+                if lin.dim() > 1:  # runs: i.i.d. replicas of one problem share one fit
+                    hess, b = hess.mean(0, keepdim=True).expand_as(hess), b.mean(0, keepdim=True).expand_as(b)
+                if "H" in state:
+                    ema = float(self.opts["ema"])
+                    state["H"].mul_(ema).add_(hess, alpha=1 - ema)
+                    state["b"].mul_(ema).add_(b, alpha=1 - ema)
+                else:
+                    state["H"], state["b"] = hess.clone(), b.clone()
+                H = state["H"]
+                scale = H.diagonal(dim1=-2, dim2=-1).mean(-1)[..., None, None]
+                ridge = float(self.opts["ridge"]) * scale + torch.finfo(H.dtype).tiny
+                init = state["init"]
+                sol = torch.linalg.solve(H + ridge * torch.eye(k, dtype=H.dtype, device=H.device),
+                                         state["b"] + ridge.squeeze(-1) * init)
+                lin.copy_(torch.where(torch.isfinite(sol), sol, init))  # a degenerate system keeps the start
+        opt = state["optimizer"]
+        if gt is not None and gt.dim():
+            gt = gt.mean(0, keepdim=True).expand_as(gt)
+        cv["log_temperature"].grad = gt
+        opt.step()
+        opt.zero_grad(set_to_none=True)
 
     def sample_variants(self, dist: Distribution, dim: int, size: int, state: dict) -> tuple[torch.Tensor, Any]:
         theta = dist.logits
@@ -133,13 +231,20 @@ class _Relaxed(_Learned):
         state, cv = aux["state"], aux["cv"]
         f = plate_select(term, dim, 0)
         c_z, c_cond = plate_select(term, dim, 1), plate_select(term, dim, 2)
-        eta = cv["eta"] if state.get("runs") is None else cv["eta"].reshape((-1,) + (1,) * (f.dim() - 1))
+        eta = cv["lin"][..., 0]
+        if state.get("runs") is not None:
+            eta = eta.reshape((-1,) + (1,) * (f.dim() - 1))
         c_z, c_cond = eta * c_z, eta * c_cond
         r_z, r_cond = self.r(aux, aux["z"], dim), self.r(aux, aux["z_cond"], dim)
         if r_z is not None:
             c_z, c_cond = c_z + r_z, c_cond + r_cond
         log_p = site_sum(aux["log_p"], dim)
         signal = f.detach() - c_cond
+        sd = state.get("sample_dim")
+        if self.opts["loo"] and sd is not None and signal.dim() > sd and signal.shape[sd] > 1:
+            # leave-one-out: less the mean residual of the other samples (independent of this one)
+            n = signal.shape[sd]
+            signal = signal - (signal.sum(sd, keepdim=True) - signal) / (n - 1)
         return f + signal * first_order(log_p) + first_order(c_z - c_cond)
 
 
@@ -150,13 +255,16 @@ class REBAR(_Relaxed):
 
 @register_estimator("relax")
 class RELAX(_Relaxed):
-    """RELAX: REBAR's control variate plus a learned per-entry quadratic ``r_rho(z)``."""
+    """RELAX: REBAR's control variate plus a learned per-entry quadratic ``r_rho(z)``;
+    the coefficients start at zero (``eta=0``), where RELAX is the score function
+    with the leave-one-out baseline."""
 
     learned_r = True
+    options = {**_Relaxed.options, "eta": 0.0}
 
     def r(self, aux: dict, z: torch.Tensor, dim: int) -> torch.Tensor:
         state, own = aux["state"], aux["own"]
-        rho = aux["cv"]["rho"]
+        rho = aux["cv"]["lin"][..., 1:]
         if state.get("runs") is not None:
             rho = rho.reshape((rho.shape[0],) + (1,) * (dim + own) + (3,))
         s = torch.sigmoid(z)

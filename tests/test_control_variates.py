@@ -1,0 +1,105 @@
+"""REBAR and RELAX control variates (storch_nb/estimators/control_variates.py).
+
+Their coefficients (``eta``, ``rho``) enter the estimate linearly, so the engine
+fits them by least squares on the proxy ``sum g^2`` (exponentially averaged over
+calls), pooled over runs, and the temperature by Adam. These tests pin down
+what that buys, with numbers measured against closed forms:
+
+* after one fit the variance falls (toy020, 8 samples, 8000 runs in float64:
+  REBAR's standard deviation 0.054 -> 0.027, RELAX 0.032 -> 0.025, below RLOO's
+  0.032), and the estimate stays within 4 SE of the closed form;
+* every run shares one fitted control variate;
+* a run replaying the same seed stays unbiased (the pooled fit gives one
+  run's own draws a weight of 1/runs);
+* ``loo=False`` is the paper's form, unbiased too.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from conftest import assert_within, variance_se
+
+import storch_nb as sn
+
+P = 1 / (1 + math.exp(-0.3))
+TOY020 = "t = param(0.3)\nb ~ Bernoulli(logits=t)\ncost (b - 0.2)**2\n"
+TRUE020 = P * (1 - P) * 0.6  # dE/dt = sigmoid'(t) (1 - 2 * 0.2)
+RUNS = 8000
+
+
+def _grads(story, est, seed):
+    return story.run(samples=8, runs=RUNS, estimator=est, seed=seed, dtype="float64").grads["t"]
+
+
+def _cv(story):
+    (st,) = [v for v in story._state.values() if isinstance(v, dict) and "cv" in v]
+    return st["cv"]
+
+
+@pytest.mark.parametrize(("est", "ratio"), [("rebar", 0.35), ("relax", 0.85)])
+def test_one_fit_cuts_the_variance_and_stays_unbiased(est, ratio):
+    story = sn.Story(TOY020)
+    first = _grads(story, est, 1)
+    second = _grads(story, est, 2)
+    for g in (first, second):
+        assert_within(g.mean(), TRUE020, g.std() / math.sqrt(RUNS), what=est)
+    v1, v2 = first.var(), second.var()
+    # measured: rebar 2.9e-3 -> 7.2e-4 (0.25x), relax 1.0e-3 -> 6.4e-4 (0.64x); each
+    # variance has a relative SE of about 2-3% at 8000 runs, so these bounds hold with margin
+    assert v2 + 4 * variance_se(second) < ratio * (v1 - 4 * variance_se(first)), (v1.item(), v2.item())
+    cv = _cv(story)
+    lin = cv["lin"].detach()
+    assert torch.isfinite(lin).all()
+    assert (lin == lin[0]).all()  # one pooled fit shared by every run
+    assert (cv["log_temperature"].detach() == cv["log_temperature"].detach()[0]).all()
+
+
+def test_fitted_relax_beats_rloo():
+    story = sn.Story(TOY020)
+    _grads(story, "relax", 3)
+    relax = _grads(story, "relax", 4)
+    rloo = _grads(sn.Story(TOY020), "rloo", 4)
+    # measured 6.9e-4 vs 1.03e-3
+    assert relax.var() + 4 * variance_se(relax) < rloo.var() - 4 * variance_se(rloo)
+
+
+@pytest.mark.parametrize("est", ["rebar", "relax"])
+def test_replaying_a_seed_stays_unbiased(est):
+    story = sn.Story(TOY020)
+    for _ in range(3):
+        g = _grads(story, est, 9)
+        assert_within(g.mean(), TRUE020, g.std() / math.sqrt(RUNS), what=f"{est} replaying seed 9")
+
+
+@pytest.mark.parametrize("est", ["rebar(loo=False)", "relax(loo=False)"])
+def test_the_papers_form_without_loo_is_unbiased(est):
+    story = sn.Story(TOY020)
+    for seed in (5, 6):
+        g = _grads(story, est, seed)
+        assert_within(g.mean(), TRUE020, g.std() / math.sqrt(RUNS), what=est)
+
+
+def test_lr_zero_freezes_the_control_variate():
+    story = sn.Story(TOY020)
+    _grads(story, "relax(lr=0)", 1)
+    _grads(story, "relax(lr=0)", 2)
+    cv = _cv(story)
+    assert (cv["lin"] == 0).all()
+    assert torch.allclose(cv["log_temperature"], torch.tensor(math.log(0.5), dtype=torch.float64))
+
+
+def test_a_single_run_fits_on_per_sample_gradients():
+    """runs=1: the proxy sums the squares of the per-sample estimates, so a batch of 20
+    already determines RELAX's four coefficients; the constant rho_0 is redundant with
+    the leave-one-out baseline (kept near its start by the ridge) and the others settle
+    near zero on this story, where the relaxed cost is a poor control variate."""
+    story = sn.Story("t = param(0.0)\nb ~ Bernoulli(logits=t)\ncost (b - 0.499)**2\n")
+    for seed in range(5):
+        res = story.run(samples=20, estimator="relax", seed=seed, dtype="float64")
+    lin = _cv(story)["lin"].detach()
+    assert lin.shape == (4,)
+    assert lin.abs().max() < 0.05, lin
+    assert abs(res.grads["t"].item() - 5e-4) < 5e-4  # one 20-sample estimate of 5e-4 (SE ~ 1e-4)
