@@ -10,9 +10,10 @@
 #   cuda_tests.log   pytest tests/test_cuda.py (-x: stops at the first failure)
 #   cuda_tests.xml   the same as JUnit XML (every test that ran, with its time)
 #   bench_cuda.log   python benchmarks/bench_engine.py --device cuda
+#   train_cuda.log   python benchmarks/gpu_train_check.py cuda
 #   summary.txt      exit status and seconds of each step
 #
-# Every step has a timeout (20 + 90 + 200 s at most: about 5 minutes in the
+# Every step has a timeout (20 + 150 + 150 s at most: about 5.5 minutes in the
 # worst case; expect well under 2); a failing or timed-out step does not stop
 # the next one. The exit status is pytest's (124 if it timed out).
 #
@@ -62,7 +63,7 @@ if ok:
 echo "== pytest tests/test_cuda.py"
 t0=$SECONDS
 # shellcheck disable=SC2086  # PYTEST_STOP is one optional flag
-timeout -k 5 90 "$PY" -m pytest tests/test_cuda.py -q -p no:cacheprovider $PYTEST_STOP \
+timeout -k 5 150 "$PY" -m pytest tests/test_cuda.py -q -p no:cacheprovider $PYTEST_STOP \
     --durations=15 --junitxml="$OUT/cuda_tests.xml" 2>&1 | tee "$OUT/cuda_tests.log"
 test_status=${PIPESTATUS[0]}
 echo "pytest: status $test_status in $((SECONDS - t0)) s" | tee -a "$summary"
@@ -70,9 +71,15 @@ echo "pytest: status $test_status in $((SECONDS - t0)) s" | tee -a "$summary"
 # ------------------------------------------------------------------ benchmark
 echo "== bench_engine.py --device cuda"
 t0=$SECONDS
-timeout -k 5 200 "$PY" benchmarks/bench_engine.py --device cuda 2>&1 | tee "$OUT/bench_cuda.log"
+timeout -k 5 150 "$PY" benchmarks/bench_engine.py --device cuda 2>&1 | tee "$OUT/bench_cuda.log"
 bench_status=${PIPESTATUS[0]}
 echo "bench_engine --device cuda: status $bench_status in $((SECONDS - t0)) s" | tee -a "$summary"
+
+# ------------------------------------------------------------------ training
+echo "== gpu_train_check.py (the p0 = 0.499 toy on cuda)"
+t0=$SECONDS
+timeout -k 5 60 "$PY" benchmarks/gpu_train_check.py cuda 2>&1 | tee "$OUT/train_cuda.log"
+echo "gpu_train_check: status ${PIPESTATUS[0]} in $((SECONDS - t0)) s" | tee -a "$summary"
 
 echo "gpu_check: total $((SECONDS - start)) s; exit status = pytest's ($test_status)" | tee -a "$summary"
 exit "$test_status"
