@@ -57,6 +57,20 @@ from ..errors import EstimatorError
 from .base import Estimator, first_order, plate_select, register_estimator, site_sum
 
 
+def _hessian_rows(grad: torch.Tensor, lin: torch.Tensor) -> torch.Tensor:
+    """``d grad[..., i] / d lin[..., j]`` for every ``i, j`` (shape ``lin.shape + (k,)``),
+    with the ``k`` backward passes batched into one where autograd can (vmap)."""
+    k = lin.shape[-1]
+    eye = torch.eye(k, dtype=grad.dtype, device=grad.device)
+    onehots = eye.reshape((k,) + (1,) * (grad.dim() - 1) + (k,)).expand((k,) + grad.shape)
+    try:
+        (rows,) = torch.autograd.grad(grad, lin, grad_outputs=onehots, retain_graph=True, is_grads_batched=True)
+        return rows.movedim(0, -2).detach()
+    except RuntimeError:  # an op without a batching rule: one pass per coefficient
+        rows = [torch.autograd.grad(grad[..., i].sum(), lin, retain_graph=True, allow_unused=True)[0] for i in range(k)]
+        return torch.stack([torch.zeros_like(lin) if r is None else r for r in rows], -2).detach()
+
+
 def _per_run(p: torch.Tensor, state: dict, dim: int, own: int) -> torch.Tensor:
     """View a per-run parameter (shape (R,) or ()) against a site tensor."""
     if state.get("runs") is None:
@@ -151,8 +165,7 @@ class _Relaxed(_Learned):
             return None, None, gt
         k = lin.shape[-1]
         if grad.requires_grad:
-            rows = [torch.autograd.grad(grad[..., i].sum(), lin, retain_graph=True, allow_unused=True)[0] for i in range(k)]
-            hess = torch.stack([torch.zeros_like(lin) if r is None else r for r in rows], -2).detach()
+            hess = _hessian_rows(grad, lin)
         else:
             hess = torch.zeros(lin.shape + (k,), dtype=lin.dtype, device=lin.device)
         return grad.detach(), hess, gt
