@@ -20,10 +20,11 @@ their reason. For each that fits:
 
 * **time / estimate**: one ``story.run(samples=S, estimator=est)`` call (one
   gradient estimate, ``runs=1``, ``seed=None``; for ``rebar``/``relax`` the
-  call includes the Adam step on the control variate). All estimators of a
-  story (and the hand-written references) run in alternating rounds; a round
-  is many back-to-back calls and keeps its fastest call; a side's time is the
-  median of its rounds' fastest calls (the house style of
+  call includes fitting the control variate: least squares on the per-sample
+  estimates for its coefficients, an Adam step for the temperature). All
+  estimators of a story (and the hand-written references) run in alternating
+  rounds; a round is many back-to-back calls and keeps its fastest call; a
+  side's time is the median of its rounds' fastest calls (the house style of
   ``bench_engine.py``: a shared machine can only slow a call down).
 * **variance**: ``runs=R`` independent estimates at the same ``S`` in one
   vectorized call (``seed=0``), the unbiased variance over the ``R`` runs;
@@ -44,11 +45,13 @@ their reason. For each that fits:
   size of the support for ``enumerate`` (per estimate: it draws nothing, so
   ``S`` does not matter), else 1.
 
-``rebar`` and ``relax`` learn their control variate while they run (Adam, per
-run). The ``fresh`` row is their first estimate (untrained: ``eta = 1``,
-temperature 0.5, ``rho = 0``); the ``trained`` row trains ``R_t`` independent
-copies for ``T`` calls (``runs=R_t``) and then pools the estimates of the next
-few calls (each conditionally unbiased given the control variate so far).
+``rebar`` and ``relax`` fit their control variate after every call (least
+squares for the coefficients, pooled over the runs of a call; Adam for the
+temperature). The ``fresh`` row is their first estimate, before any fit
+(REBAR at ``eta = 1``, temperature 0.5; RELAX with every coefficient at zero,
+where it is ``rloo``); the ``trained`` row runs ``T`` calls at ``runs=R_t``
+(the ``R_t`` runs share one fit) and then pools the estimates of the next few
+calls (each conditionally unbiased given the control variate so far).
 
 Hand-written torch beside ``score``, ``rloo`` and ``disarm`` on the Bernoulli
 toy: leaf tensors, ``Bernoulli(logits=t, validate_args=False)``, the DiCE-style
