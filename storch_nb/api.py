@@ -380,10 +380,18 @@ class Story:
         check_finite(cost, grads, ex)
         return _result(grads, cost, cost_se, err, costs, leaves, mod_params, ex, samples, runs, dev, dt, t0)
 
-    def _probe(self, plan, leaves, runs, dev, dt, max_outcomes) -> tuple[float, Any]:
+    def _probe(self, plan, leaves, runs, dev, dt, max_outcomes) -> tuple[float, list[str]]:
         """Bytes per sample of a pass (its tensors, times 3 for what autograd keeps
         and the backward pass), from a small pass that leaves the RNG and the
-        estimator state as they were."""
+        estimator state as they were, and the sites whose estimators compare
+        samples; measured once per plan, runs, device, dtype and leaf shapes."""
+        key = (runs, str(dev), dt, tuple((k, tuple(v.shape)) for k, v in leaves.items()))
+        found = plan.probes.get(key)
+        if found is None:
+            found = plan.probes[key] = self._measure(plan, leaves, runs, dev, dt, max_outcomes)
+        return found
+
+    def _measure(self, plan, leaves, runs, dev, dt, max_outcomes) -> tuple[float, list[str]]:
         n = _PROBE_SAMPLES
         rng = torch.get_rng_state()
         cuda_rng = torch.cuda.get_rng_state(dev) if dev.type == "cuda" else None
@@ -404,19 +412,19 @@ class Story:
                 torch.cuda.set_rng_state(cuda_rng, dev)
             self._state.clear()
             self._state.update(saved)
-        return 3.0 * size / n, ex
+        return 3.0 * size / n, _coupled(ex)
 
     def _chunk_size(self, plan, leaves, samples, runs, dev, dt, max_outcomes, max_memory) -> int:
-        per_sample, ex = self._probe(plan, leaves, runs, dev, dt, max_outcomes)
+        per_sample, coupled = self._probe(plan, leaves, runs, dev, dt, max_outcomes)
         budget = max_memory if max_memory is not None else _default_budget(dev)
         if per_sample * samples <= budget:
             return samples
-        _refuse_if_coupled(ex, per_sample * samples, budget, samples)
+        _refuse_if_coupled(coupled, per_sample * samples, budget, samples)
         return max(1, int(budget // per_sample))
 
     def _refuse_unless_chunkable(self, plan, leaves, samples, runs, dev, dt, max_outcomes, budget) -> None:
-        per_sample, ex = self._probe(plan, leaves, runs, dev, dt, max_outcomes)
-        _refuse_if_coupled(ex, per_sample * samples, budget or _default_budget(dev), samples)
+        per_sample, coupled = self._probe(plan, leaves, runs, dev, dt, max_outcomes)
+        _refuse_if_coupled(coupled, per_sample * samples, budget or _default_budget(dev), samples)
 
     def _run_chunked(self, chunk, samples, estimator, dev, runs, ns, dt, stderr, max_outcomes, t0) -> Result:
         """The estimate from chunks of samples, each an independent estimate of the
@@ -665,13 +673,17 @@ def _default_budget(dev: torch.device) -> float:
     return float(2 << 30)
 
 
-def _refuse_if_coupled(ex, need: float, budget: float, samples: int) -> None:
-    """Chunks are independent estimates: refuse estimators that compare samples."""
-    coupled = [
+def _coupled(ex) -> list[str]:
+    """The sites whose estimators compare samples with each other (not chunkable)."""
+    return [
         f"{node} ({est.text()})"
         for node, (_, est, _) in ex.sites.items()
         if est.trainable or (est.scored and est.n is None and est.opts.get("baseline") not in (None,))
     ]
+
+
+def _refuse_if_coupled(coupled: list[str], need: float, budget: float, samples: int) -> None:
+    """Chunks are independent estimates: refuse estimators that compare samples."""
     if coupled:
         raise StoryError(
             f"{samples:,} samples would need about {need / 2**30:.1f} GiB, over the budget of {budget / 2**30:.1f} GiB, "

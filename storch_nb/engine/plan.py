@@ -265,6 +265,8 @@ class Plan:
     constants: dict = field(default_factory=dict, repr=False)
     #: their copies on the plan's device: name -> (the tensor's version when copied, copy)
     placed: dict = field(default_factory=dict, repr=False)
+    #: memory probes (Story._probe): (runs, device, dtype, leaf shapes) -> (bytes per sample, coupled sites)
+    probes: dict = field(default_factory=dict, repr=False)
 
     @property
     def param_rank(self) -> int:
