@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from .engine import surrogate as _surrogate
-from .engine.diagnose import check_finite
+from .engine.diagnose import check_finite, read_checked
 from .engine.execute import execute
 from .engine.plan import Plan, Planner
 from .engine.result import Comparison, Result
@@ -372,12 +372,12 @@ class Story:
         elif run_dim:
             err = {k: g.std(0, unbiased=True) / math.sqrt(runs) for k, g in grads.items()}
         costs = total.detach()
-        if run_dim:
-            cost = costs.mean().item()
-            cost_se = costs.std().item() / math.sqrt(runs)
+        if run_dim:  # one read of the device for the cost, its spread and the gradients' finiteness
+            (cost, spread), grads_ok = read_checked([costs.mean(), costs.std()], grads)
+            cost_se = spread / math.sqrt(runs)
         else:
-            cost = costs.item()
-        check_finite(cost, grads, ex)
+            (cost,), grads_ok = read_checked([costs], grads)
+        check_finite(cost, grads, ex, grads_ok)
         return _result(grads, cost, cost_se, err, costs, leaves, mod_params, ex, samples, runs, dev, dt, t0)
 
     def _probe(self, plan, leaves, runs, dev, dt, max_outcomes) -> tuple[float, list[str]]:
@@ -416,6 +416,8 @@ class Story:
 
     def _chunk_size(self, plan, leaves, samples, runs, dev, dt, max_outcomes, max_memory) -> int:
         per_sample, coupled = self._probe(plan, leaves, runs, dev, dt, max_outcomes)
+        if max_memory is None and per_sample * samples <= _SURELY_FITS:
+            return samples  # no need to ask the device how much memory is free (a driver call)
         budget = max_memory if max_memory is not None else _default_budget(dev)
         if per_sample * samples <= budget:
             return samples
@@ -659,6 +661,7 @@ class Story:
 
 _CHUNK_CHECK = 1 << 22  # samples x runs from which a run's memory is estimated first
 _PROBE_SAMPLES = 256
+_SURELY_FITS = 256 * 2**20  # bytes a run may take without checking the device's free memory
 
 
 def _learns_cv(default: str, per_site: Mapping[str, str]) -> bool:

@@ -443,3 +443,18 @@ def test_cuda_train_keeps_a_cpu_namespace_tensor_on_the_cpu():
     assert hist.steps == 20
     assert w.item() < -1.0, w.item()
     assert hist.params["w"].item() == w.item()
+
+
+@cuda
+def test_cuda_nonfinite_gradient_and_cost_are_reported():
+    """On the GPU the cost and the gradients' finiteness come back in one read;
+    a NaN gradient or cost is still reported with the parameter or line."""
+    with pytest.raises(sn.StoryError) as info:
+        sn.Story("a = param(0.0)\ne ~ Normal(a, 1)\ncost sqrt(a*a) + e").run(samples=16, seed=0, device="cuda")
+    assert "gradient with respect to a" in info.value.message
+    with pytest.raises(sn.StoryError) as info:
+        sn.Story("a = param(-1.0)\ne ~ Normal(0, 1)\nf = log(a) * e\ncost f").run(samples=16, runs=4, seed=0,
+                                                                                   device="cuda")
+    assert info.value.lineno == 3
+    res = sn.Story("a = param(1.0)\ne ~ Normal(a, 1)\ncost e**2").run(samples=4000, runs=3, seed=0, device="cuda")
+    assert res.grads["a"].isfinite().all() and math.isfinite(res.cost_stderr)

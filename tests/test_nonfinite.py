@@ -29,3 +29,23 @@ def test_nonfinite_gradient_names_the_parameter():
 def test_finite_story_is_not_flagged():
     res = sn.Story("a = param(1.0)\ne ~ Normal(a, 1)\ncost e**2").run(samples=16, seed=0)
     assert res.grads["a"].isfinite().all()
+
+
+def test_fused_read_off_the_cpu_path():
+    """``read_fused`` is what a GPU run uses (one read for the cost and the gradients'
+    finiteness); it runs on any device, so it is checked here on the CPU."""
+    import torch
+
+    from storch_nb.engine.diagnose import read_fused
+
+    cost = torch.tensor(2.5)
+    fine = {"a": torch.tensor([1.0, -2.0]), "b": torch.tensor(3.0)}
+    assert read_fused([cost, torch.tensor(0.5)], fine) == ([2.5, 0.5], True)
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        vals, ok = read_fused([cost], {**fine, "c": torch.tensor([0.0, bad])})
+        assert vals == [2.5] and not ok
+    # finite entries whose sum overflows float32 are still finite (the exact check decides)
+    big = torch.full((4,), 3e38)
+    assert read_fused([cost], {"a": big}) == ([2.5], True)
+    # inf and -inf in different gradients: their sum is NaN, flagged
+    assert not read_fused([cost], {"a": torch.tensor(float("inf")), "b": torch.tensor(float("-inf"))})[1]

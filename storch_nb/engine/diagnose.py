@@ -38,10 +38,41 @@ def all_finite(tensors) -> bool:
     return all(bool(torch.stack(flags).all()) for flags in by_device.values())
 
 
-def check_finite(cost: float, grads: dict[str, torch.Tensor], ex) -> None:
+def read_checked(values: list[torch.Tensor], grads: dict[str, torch.Tensor]) -> tuple[list[float], bool]:
+    """The scalar tensors ``values`` as floats, and whether every gradient is
+    finite. On the CPU, as :func:`grads_finite`; elsewhere with one read of the
+    device: the values and the sum of each gradient go back together (a NaN or
+    an infinity anywhere makes its sum non-finite; a sum that overflowed from
+    finite entries is told apart by the exact check, run only then)."""
+    if values[0].device.type == "cpu" and all(g.device.type == "cpu" for g in grads.values()):
+        return [v.item() for v in values], grads_finite(grads)
+    return read_fused(values, grads)
+
+
+def read_fused(values: list[torch.Tensor], grads: dict[str, torch.Tensor]) -> tuple[list[float], bool]:
+    """:func:`read_checked` off the CPU (any device: tested on the CPU too)."""
+    gs = list(grads.values())
+    dev = values[0].device
+    here = [g for g in gs if g.device == dev and (g.is_floating_point() or g.is_complex())]
+    elsewhere = [g for g in gs if g.device != dev]
+    dt = values[0].dtype
+    parts = [v.detach().reshape(()).to(dt) for v in values]
+    if here:
+        parts.append(torch.stack([(g.detach().sum() if g.dim() else g.detach()).real.to(dt) for g in here]).sum())
+    out = torch.stack(parts).tolist()
+    ok = len(here) == 0 or math.isfinite(out[len(values)])
+    if not ok:
+        ok = all_finite(here)
+    if elsewhere:
+        ok = ok and all_finite(elsewhere)
+    return out[: len(values)], ok
+
+
+def check_finite(cost: float, grads: dict[str, torch.Tensor], ex, grads_ok: bool | None = None) -> None:
     """Raise a StoryError naming the first step, site or cost with NaN/inf values
-    when the cost estimate or a gradient is not finite (looked for only then)."""
-    if math.isfinite(cost) and grads_finite(grads):
+    when the cost estimate or a gradient is not finite (looked for only then).
+    ``grads_ok``: whether the gradients are finite, where already known."""
+    if math.isfinite(cost) and (grads_finite(grads) if grads_ok is None else grads_ok):
         return
     raise locate(ex, grads, math.isfinite(cost))
 
