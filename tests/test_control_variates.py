@@ -107,3 +107,35 @@ def test_a_single_run_fits_on_per_sample_gradients():
     assert lin[[0, 2, 3]].abs().max() < 0.05, lin
     assert abs(lin[1] + 0.25 * lin[4] - 0.25) < 0.01, lin
     assert abs(res.grads["t"].item() - 5e-4) < 5e-4  # one 20-sample estimate of 5e-4 (SE ~ 1e-4)
+
+
+def test_small_adam_is_torch_adam_without_its_import():
+    """The control variates' Adam is torch.optim.Adam's arithmetic (identical
+    trajectories on a noisy quadratic), and a first RELAX run does not import
+    torch._dynamo (torch.optim's first step does: 1.3-1.6 s here)."""
+    import subprocess
+    import sys
+
+    from storch_nb.estimators.control_variates import _Adam
+
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(3, dtype=torch.float64, generator=gen).requires_grad_(True)
+    b = a.detach().clone().requires_grad_(True)
+    mine, theirs = _Adam([a], 0.05), torch.optim.Adam([b], lr=0.05)
+    for _ in range(200):
+        g = 2 * (a.detach() - 1.0) + torch.randn(3, dtype=torch.float64, generator=gen)
+        mine.step([g])
+        b.grad = g.clone()
+        theirs.step()
+    assert torch.equal(a, b)
+    code = (
+        "import sys, storch_nb as sn\n"
+        "s = sn.Story('t = param(0.0)\\nb ~ Bernoulli(logits=t)\\ncost (b - 0.499)**2\\n')\n"
+        "for est in ('relax', 'rebar'):\n"
+        "    s.run(samples=20, estimator=est); s.run(samples=20, runs=3, estimator=est)\n"
+        "s2 = sn.Story('mu = param(0.5)\\nx ~ Normal(mu, 1)\\ncost x**2\\n')\n"
+        "s2.run(samples=20, estimator='lax'); s2.run(samples=20, estimator='lax')\n"
+        "print('torch._dynamo' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False", out.stdout + out.stderr

@@ -85,6 +85,31 @@ def _per_run(p: torch.Tensor, state: dict, dim: int, own: int) -> torch.Tensor:
     return p.reshape((p.shape[0],) + (1,) * (dim + own))
 
 
+class _Adam:
+    """Adam (Kingma & Ba, 2015) with torch's defaults (betas 0.9, 0.999, eps 1e-8),
+    the same arithmetic as ``torch.optim.Adam``'s single-tensor path, for the
+    handful of control-variate parameters. Not ``torch.optim.Adam`` itself: its
+    first step imports ``torch._dynamo`` (1.3-1.6 s here), which the lab would
+    pay on its first switch to a learned estimator (target: 300 ms a switch)."""
+
+    def __init__(self, params: list[torch.Tensor], lr: float) -> None:
+        self.params, self.lr, self.t = params, lr, 0
+        self.m = [torch.zeros_like(p) for p in params]
+        self.v = [torch.zeros_like(p) for p in params]
+
+    @torch.no_grad()
+    def step(self, grads: list[torch.Tensor | None]) -> None:
+        beta1, beta2, eps = 0.9, 0.999, 1e-8
+        self.t += 1
+        c1, c2 = 1 - beta1**self.t, (1 - beta2**self.t) ** 0.5
+        for p, g, m, v in zip(self.params, grads, self.m, self.v):
+            if g is None:
+                continue
+            m.lerp_(g, 1 - beta1)
+            v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+            p.addcdiv_(m, (v.sqrt() / c2).add_(eps), value=-self.lr / c1)
+
+
 class _Learned(Estimator):
     """Control-variate parameters in ``state["cv"]``, optimised by ``state["optimizer"]``."""
 
@@ -95,12 +120,8 @@ class _Learned(Estimator):
 
     def cv_step(self, state: dict, prepared: list[torch.Tensor | None]) -> None:
         opt = state.get("optimizer")
-        if opt is None:
-            return
-        for p, g in zip(self.cv_parameters(state), prepared):
-            p.grad = g
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        if opt is not None:
+            opt.step(prepared)
 
 
 class _Relaxed(_Learned):
@@ -157,7 +178,7 @@ class _Relaxed(_Learned):
             state["cv"] = cv
             state["init"] = lin.detach().clone()
             lr = self.opts["lr"]
-            state["optimizer"] = torch.optim.Adam([cv["log_temperature"]], lr=lr) if lr > 0 else None
+            state["optimizer"] = _Adam([cv["log_temperature"]], lr) if lr > 0 else None
         return cv
 
     def cv_prepare(self, state: dict, grads: list[torch.Tensor | None]) -> Any:
@@ -220,12 +241,9 @@ class _Relaxed(_Learned):
                 ridge = float(self.opts["ridge"]) * d + torch.finfo(H.dtype).tiny
                 sol = torch.linalg.solve(H + torch.diag_embed(ridge), state["b"])
                 lin.copy_(torch.where(torch.isfinite(sol), sol, state["init"]))  # degenerate: keep the start
-        opt = state["optimizer"]
         if gt is not None and gt.dim():
             gt = gt.mean(0, keepdim=True).expand_as(gt)
-        cv["log_temperature"].grad = gt
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        state["optimizer"].step([gt])
 
     def sample_variants(self, dist: Distribution, dim: int, size: int, state: dict) -> tuple[torch.Tensor, Any]:
         theta = dist.logits
@@ -356,7 +374,7 @@ class LAX(_Learned):
             phi = torch.zeros(shape + (3,), dtype=like.dtype, device=like.device).requires_grad_(True)
             cv = state["cv"] = {"phi": phi}
             state["owner"] = self.text()
-            state["optimizer"] = torch.optim.Adam([phi], lr=self.opts["lr"]) if self.opts["lr"] > 0 else None
+            state["optimizer"] = _Adam([phi], self.opts["lr"]) if self.opts["lr"] > 0 else None
         return cv
 
     def sample_variants(self, dist: Distribution, dim: int, size: int, state: dict) -> tuple[torch.Tensor, Any]:
