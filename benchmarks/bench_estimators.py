@@ -48,8 +48,9 @@ their reason. For each that fits:
 ``rebar`` and ``relax`` fit their control variate after every call (least
 squares for the coefficients, pooled over the runs of a call; Adam for the
 temperature). The ``fresh`` row is their first estimate, before any fit
-(REBAR at ``eta = 1``, temperature 0.5; RELAX with every coefficient at zero,
-where it is ``rloo``); the ``trained`` row runs ``T`` calls at ``runs=R_t``
+(REBAR at ``eta = 1``, temperature 0.5, and the weight ``beta`` of the other
+samples' mean cost at 1; RELAX at ``eta = rho = 0``, ``beta = 1``, where it is
+``rloo``); the ``trained`` row runs ``T`` calls at ``runs=R_t``
 (the ``R_t`` runs share one fit) and then pools the estimates of the next few
 calls (each conditionally unbiased given the control variate so far).
 
