@@ -129,14 +129,14 @@ class _Relaxed(_Learned):
     higher_order = False  # first-order surrogate: second derivatives are refused
     trainable = True
     cv_second_order = True
-    options = {"temperature": 0.5, "eta": 1.0, "lr": 0.01, "ema": 0.9, "ridge": 1e-3, "loo": True}
+    options = {"temperature": 0.5, "eta": 1.0, "lr": 0.01, "ema": 0.9, "ridge": 1e-5, "loo": True}
     learned_r = False
 
     def __init__(self, n: int | None = None, **options) -> None:
         super().__init__(n=n, **options)
         o = self.opts
         name = self.name
-        example = f"e.g. {name}(temperature=0.5, eta={self.options['eta']}, lr=0.01, ema=0.9, ridge=1e-3, loo=True)"
+        example = f"e.g. {name}(temperature=0.5, eta={self.options['eta']}, lr=0.01, ema=0.9, ridge=1e-5, loo=True)"
         for key, low, strict in (("temperature", 0, True), ("lr", 0, False), ("ridge", 0, False), ("ema", 0, False)):
             v = o[key]
             if isinstance(v, bool) or not isinstance(v, (int, float)) or (v <= low if strict else v < low):
