@@ -142,10 +142,15 @@ STATEFUL = [
 
 
 def _state_tensors(state: dict):
-    for value in state.values():
+    """The state's tensors in the run's dtype; REBAR/RELAX's least-squares statistics
+    ``H`` and ``b`` are float64 on the CPU whatever the run (a k x k system)."""
+    for key, value in state.items():
         if isinstance(value, dict):
             yield from _state_tensors(value)
         elif isinstance(value, torch.Tensor):
+            if key in ("H", "b"):
+                assert value.dtype == torch.float64 and value.device.type == "cpu"
+                continue
             yield value
 
 

@@ -176,7 +176,6 @@ class _Relaxed(_Learned):
                 "log_temperature": torch.full(shape, math.log(self.opts["temperature"]), **kw).requires_grad_(True),
             }
             state["cv"] = cv
-            state["init"] = lin.detach().clone()
             lr = self.opts["lr"]
             state["optimizer"] = _Adam([cv["log_temperature"]], lr) if lr > 0 else None
         return cv
@@ -226,21 +225,24 @@ class _Relaxed(_Learned):
             with torch.no_grad():
                 b = (hess @ lin.unsqueeze(-1)).squeeze(-1) - grad
                 if lin.dim() > 1:  # runs: i.i.d. replicas of one problem share one fit
-                    hess, b = hess.mean(0, keepdim=True).expand_as(hess), b.mean(0, keepdim=True).expand_as(b)
+                    hess, b = hess.mean(0), b.mean(0)
+                # the k x k system is solved on the CPU in float64: one small copy instead of
+                # a GPU solver's launches and synchronisations, and no float32 round-off
+                hess, b = hess.to("cpu", torch.float64), b.to("cpu", torch.float64)
                 if "H" in state:
                     ema = float(self.opts["ema"])
                     state["H"].mul_(ema).add_(hess, alpha=1 - ema)
                     state["b"].mul_(ema).add_(b, alpha=1 - ema)
                 else:
-                    state["H"], state["b"] = hess.clone(), b.clone()
+                    state["H"], state["b"] = hess, b
                 H = state["H"]
                 # ridge on each coefficient in its own units (a fraction of its diagonal entry:
                 # scale-free), towards zero, where nearly collinear features (the constant rho_0
                 # and the others' mean cost) leave a direction the draws barely determine
-                d = H.diagonal(dim1=-2, dim2=-1)
-                ridge = float(self.opts["ridge"]) * d + torch.finfo(H.dtype).tiny
-                sol = torch.linalg.solve(H + torch.diag_embed(ridge), state["b"])
-                lin.copy_(torch.where(torch.isfinite(sol), sol, state["init"]))  # degenerate: keep the start
+                ridge = float(self.opts["ridge"]) * H.diagonal() + torch.finfo(H.dtype).tiny
+                sol = torch.linalg.solve(H + torch.diag(ridge), state["b"])
+                if bool(torch.isfinite(sol).all()):  # else (degenerate) the coefficients stay as they are
+                    lin.copy_(sol.to(lin.dtype).expand_as(lin))
         if gt is not None and gt.dim():
             gt = gt.mean(0, keepdim=True).expand_as(gt)
         state["optimizer"].step([gt])
