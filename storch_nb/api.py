@@ -5,12 +5,14 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Mapping, Sequence
+from functools import lru_cache
 from typing import Any
 
 import torch
 from torch import nn
 
 from .engine import surrogate as _surrogate
+from .engine.devices import on_device, same_device
 from .engine.diagnose import check_finite, read_checked
 from .engine.execute import execute
 from .engine.plan import Plan, Planner
@@ -190,8 +192,6 @@ class Story:
         ``backward()`` through a surrogate reaches the user's tensor, which is
         never moved. ``nn.Module``s are not moved either (that would change the
         user's module): one that is not on the run's device is refused."""
-        from .engine.devices import on_device, same_device
-
         for mname, mod in plan.modules.items():
             for t in (*mod.parameters(), *mod.buffers()):
                 if not same_device(t.device, device):
@@ -373,10 +373,10 @@ class Story:
             err = {k: g.std(0, unbiased=True) / math.sqrt(runs) for k, g in grads.items()}
         costs = total.detach()
         if run_dim:  # one read of the device for the cost, its spread and the gradients' finiteness
-            (cost, spread), grads_ok = read_checked([costs.mean(), costs.std()], grads)
+            (cost, spread), grads_ok = read_checked([costs.mean(), costs.std()], grads, dev.type == "cpu")
             cost_se = spread / math.sqrt(runs)
         else:
-            (cost,), grads_ok = read_checked([costs], grads)
+            (cost,), grads_ok = read_checked([costs], grads, dev.type == "cpu")
         check_finite(cost, grads, ex, grads_ok)
         return _result(grads, cost, cost_se, err, costs, leaves, mod_params, ex, samples, runs, dev, dt, t0)
 
@@ -666,7 +666,12 @@ _SURELY_FITS = 256 * 2**20  # bytes a run may take without checking the device's
 
 def _learns_cv(default: str, per_site: Mapping[str, str]) -> bool:
     """Whether an estimator named in the spec learns a control variate."""
-    return any(getattr(make_estimator(text), "trainable", False) for text in (default, *per_site.values()))
+    return _texts_learn_cv((default, *per_site.values())) if per_site else _texts_learn_cv((default,))
+
+
+@lru_cache(maxsize=256)
+def _texts_learn_cv(texts: tuple[str, ...]) -> bool:
+    return any(getattr(make_estimator(text), "trainable", False) for text in texts)
 
 
 def _default_budget(dev: torch.device) -> float:
