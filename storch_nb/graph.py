@@ -46,10 +46,11 @@ class Graph:
     def parents(self, name: str) -> list[str]:
         return list(self._parents.get(name, ()))
 
-    def ancestors(self, name: str) -> set[str]:
-        """Every node that ``name`` depends on (not including itself)."""
+    def ancestors(self, *names: str) -> set[str]:
+        """Every node that ``name`` (any of ``names``) depends on, not including
+        the names themselves unless one depends on another."""
         seen: set[str] = set()
-        stack = list(self._parents.get(name, ()))
+        stack = [p for name in names for p in self._parents.get(name, ())]
         while stack:
             n = stack.pop()
             if n not in seen:

@@ -295,8 +295,11 @@ class Planner:
         self.batched_params = batched_params
         self.sample_dim = 1 if run_dim else 0
         self.base_rank = self.sample_dim + 1
-        self.nodes: list[Node] = []
-        self.edges: list[tuple[str, str]] = []
+        self.graph = Graph()  # grown node by node (rebuilding it per node made unrolling quadratic)
+        self.nodes: list[Node] = self.graph.nodes
+        self.edges: list[tuple[str, str]] = self.graph.edges
+        self.site_index: dict[str, int] = {}  # site node -> its position among the sites
+        self.up: dict[str, tuple[str, ...]] = {}  # node -> the sites it depends on, in story order
         self.node_names: set[str] = set()
         # story variable -> (node, rank, dims)
         self.scope: dict[str, tuple[str, int, frozenset[int]]] = {}
@@ -328,10 +331,26 @@ class Planner:
         return f"{name}#{k}"
 
     def add_node(self, name: str, kind: str, line: int | None, parents) -> None:
-        self.nodes.append(Node(name, kind, line))
-        for p in parents:
-            if (p, name) not in self.edges:
-                self.edges.append((p, name))
+        self.graph.add(Node(name, kind, line), parents)
+        # the sites upstream, from the parents' (a chain of sites extends one tuple:
+        # no walk over the whole graph per node)
+        parts = []
+        for p in dict.fromkeys(parents):
+            t = self.up.get(p, ())
+            if p in self.site_index:
+                t = (*t, p)
+            if t:
+                parts.append(t)
+        if len(parts) > 1:
+            merged = set().union(*parts)
+            longest = max(parts, key=len)
+            parts = [longest] if len(merged) == len(longest) else [
+                tuple(sorted(merged, key=self.site_index.__getitem__))]
+        self.up[name] = parts[0] if parts else ()
+
+    def upstream_sites(self, name: str) -> tuple[str, ...]:
+        """The sites ``name`` depends on, in story order."""
+        return self.up[name]
 
     def resolve_object(self, name: str) -> Any:
         if name in self.scope:
@@ -473,11 +492,9 @@ class Planner:
                 f"the estimator mapping names {', '.join(map(repr, unknown))}, which is not a site of this story",
                 hint=f"the sites are: {names}",
             )
-        graph = Graph(self.nodes, self.edges)
+        graph = self.graph
         # parameters that no cost reaches
-        reached: set[str] = set()
-        for op in self.cost_ops:
-            reached |= graph.ancestors(op.node)
+        reached = graph.ancestors(*(op.node for op in self.cost_ops))
         lost = [p for p in [*self.params, *self.modules] if p not in reached]
         if lost:
             warnings.warn(
@@ -571,10 +588,7 @@ class Planner:
             base = "cost" if self.n_costs == 1 else f"cost{k}"
             name = self.unique(base + suffix)
             self.add_node(name, "cost", st.lineno, parents)
-            graph = Graph(self.nodes, self.edges)
-            ups = graph.ancestors(name)
-            sites = tuple(n for n in self.site_ops if n in ups)
-            op = CostOp(name, st.lineno, st.line, fn, sites)
+            op = CostOp(name, st.lineno, st.line, fn, self.upstream_sites(name))
             self.cost_ops.append(op)
             self.ops.append(op)
             return
@@ -621,7 +635,6 @@ class Planner:
         dims |= set(range(self.base_rank))  # every site draws for every run and sample
         parents = list(dict.fromkeys(parents))
         self.add_node(name, "stochastic", st.lineno, parents)
-        ancestors = Graph(self.nodes, self.edges).ancestors(name)
         op = SiteOp(
             var=st.target,
             node=name,
@@ -638,11 +651,12 @@ class Planner:
             dims=frozenset(dims),
             plate=plate,
             sample_dim=self.sample_dim,
-            ancestors=tuple(n for n in self.site_ops if n in ancestors),
+            ancestors=self.upstream_sites(name),
         )
         if static_dist is not None and est is not None and isinstance(static_dist, type) and issubclass(static_dist, Distribution):
             est.check_class(static_dist, name)  # refuse `pathwise` on Bernoulli before running
         self.site_ops[name] = op
+        self.site_index[name] = len(self.site_index)
         self.ops.append(op)
         self.scope[st.target] = (name, rank, frozenset(dims))
         self.static.pop(st.target, None)
