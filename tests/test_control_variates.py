@@ -54,8 +54,9 @@ def test_one_fit_cuts_the_variance_and_stays_unbiased(est, ratio):
     cv = _cv(story)
     lin = cv["lin"].detach()
     assert torch.isfinite(lin).all()
-    assert (lin == lin[0]).all()  # one pooled fit shared by every run
-    assert (cv["log_temperature"].detach() == cv["log_temperature"].detach()[0]).all()
+    # one pooled fit shared by every run: one coefficient vector and one temperature
+    assert lin.shape == ((2,) if est == "rebar" else (5,))
+    assert cv["log_temperature"].shape == ()
 
 
 def test_fitted_relax_beats_rloo():

@@ -65,17 +65,15 @@ from .base import Estimator, first_order, plate_select, register_estimator, site
 
 
 def _hessian_rows(grad: torch.Tensor, lin: torch.Tensor) -> torch.Tensor:
-    """``d grad[..., i] / d lin[..., j]`` for every ``i, j`` (shape ``lin.shape + (k,)``),
-    with the ``k`` backward passes batched into one where autograd can (vmap)."""
-    k = lin.shape[-1]
-    eye = torch.eye(k, dtype=grad.dtype, device=grad.device)
-    onehots = eye.reshape((k,) + (1,) * (grad.dim() - 1) + (k,)).expand((k,) + grad.shape)
+    """``d grad[i] / d lin[j]`` for every ``i, j`` (a k x k matrix), with the ``k``
+    backward passes batched into one where autograd can (vmap)."""
+    eye = torch.eye(len(lin), dtype=grad.dtype, device=grad.device)
     try:
-        (rows,) = torch.autograd.grad(grad, lin, grad_outputs=onehots, retain_graph=True, is_grads_batched=True)
-        return rows.movedim(0, -2).detach()
+        (rows,) = torch.autograd.grad(grad, lin, grad_outputs=eye, retain_graph=True, is_grads_batched=True)
+        return rows.detach()
     except RuntimeError:  # an op without a batching rule: one pass per coefficient
-        rows = [torch.autograd.grad(grad[..., i].sum(), lin, retain_graph=True, allow_unused=True)[0] for i in range(k)]
-        return torch.stack([torch.zeros_like(lin) if r is None else r for r in rows], -2).detach()
+        rows = [torch.autograd.grad(grad[i], lin, retain_graph=True, allow_unused=True)[0] for i in range(len(lin))]
+        return torch.stack([torch.zeros_like(lin) if r is None else r for r in rows]).detach()
 
 
 def _per_run(p: torch.Tensor, state: dict, dim: int, own: int) -> torch.Tensor:
@@ -161,19 +159,19 @@ class _Relaxed(_Learned):
         return 3
 
     def params(self, state: dict, like: torch.Tensor) -> dict[str, torch.Tensor]:
-        """``cv["lin"]``: the linear coefficients ``(eta[, rho_0, rho_1, rho_2][, beta])``
-        (one row per run where there are runs); ``cv["log_temperature"]``: ``log lambda``."""
+        """``cv["lin"]``: the linear coefficients ``(eta[, rho_0, rho_1, rho_2][, beta])``;
+        ``cv["log_temperature"]``: ``log lambda``. One of each, shared by all runs
+        (independent replicas of one problem, fitted together)."""
         cv = state.get("cv")
         if cv is None:
-            shape = (state["runs"],) if state.get("runs") is not None else ()
             kw = {"dtype": like.dtype, "device": like.device}
-            lin = torch.zeros(shape + (1 + 3 * self.learned_r + self.opts["loo"],), **kw)
-            lin[..., 0] = float(self.opts["eta"])
+            lin = torch.zeros(1 + 3 * self.learned_r + self.opts["loo"], **kw)
+            lin[0] = float(self.opts["eta"])
             if self.opts["loo"]:
-                lin[..., -1] = 1.0  # the leave-one-out weight starts at 1 (RLOO)
+                lin[-1] = 1.0  # the leave-one-out weight starts at 1 (RLOO)
             cv = {
                 "lin": lin.requires_grad_(True),
-                "log_temperature": torch.full(shape, math.log(self.opts["temperature"]), **kw).requires_grad_(True),
+                "log_temperature": torch.tensor(math.log(self.opts["temperature"]), **kw).requires_grad_(True),
             }
             state["cv"] = cv
             lr = self.opts["lr"]
@@ -181,23 +179,26 @@ class _Relaxed(_Learned):
         return cv
 
     def cv_prepare(self, state: dict, grads: list[torch.Tensor | None]) -> Any:
-        """The proxy's gradient and Hessian in the linear coefficients (one
-        backward pass per coefficient), and its gradient in the temperature."""
+        """The proxy's gradient and Hessian in the linear coefficients (the
+        Hessian's rows in one batched backward pass), and its gradient in the
+        temperature, each per run (divided by the number of runs: the proxy sums
+        over them)."""
         cv = state.get("cv")
         if cv is None or state.get("optimizer") is None:
             return None
         g = dict(zip(cv, grads))
         lin, grad = cv["lin"], g.get("lin")
+        runs = state.get("runs") or 1
         gt = g.get("log_temperature")
-        gt = None if gt is None else gt.detach()
+        gt = None if gt is None else gt.detach() / runs
         if grad is None:  # the estimate does not depend on the control variate
             return None, None, gt
         k = lin.shape[-1]
         if grad.requires_grad:
             hess = _hessian_rows(grad, lin)
         else:
-            hess = torch.zeros(lin.shape + (k,), dtype=lin.dtype, device=lin.device)
-        return grad.detach(), hess, gt
+            hess = torch.zeros(k, k, dtype=lin.dtype, device=lin.device)
+        return grad.detach() / runs, hess / runs, gt
 
     def cv_step(self, state: dict, prepared: Any) -> None:
         """Least squares for the linear coefficients, Adam for the temperature.
@@ -223,9 +224,7 @@ class _Relaxed(_Learned):
         if grad is not None:
             lin = cv["lin"]
             with torch.no_grad():
-                b = (hess @ lin.unsqueeze(-1)).squeeze(-1) - grad
-                if lin.dim() > 1:  # runs: i.i.d. replicas of one problem share one fit
-                    hess, b = hess.mean(0), b.mean(0)
+                b = hess @ lin - grad
                 # the k x k system is solved on the CPU in float64: one small copy instead of
                 # a GPU solver's launches and synchronisations, and no float32 round-off
                 hess, b = hess.to("cpu", torch.float64), b.to("cpu", torch.float64)
@@ -242,16 +241,13 @@ class _Relaxed(_Learned):
                 ridge = float(self.opts["ridge"]) * H.diagonal() + torch.finfo(H.dtype).tiny
                 sol = torch.linalg.solve(H + torch.diag(ridge), state["b"])
                 if bool(torch.isfinite(sol).all()):  # else (degenerate) the coefficients stay as they are
-                    lin.copy_(sol.to(lin.dtype).expand_as(lin))
-        if gt is not None and gt.dim():
-            gt = gt.mean(0, keepdim=True).expand_as(gt)
+                    lin.copy_(sol)
         state["optimizer"].step([gt])
 
     def sample_variants(self, dist: Distribution, dim: int, size: int, state: dict) -> tuple[torch.Tensor, Any]:
         theta = dist.logits
-        own = theta.dim() - dim - 1
         cv = self.params(state, theta)
-        temp = _per_run(cv["log_temperature"], state, dim, own).exp()
+        temp = cv["log_temperature"].exp()
         eps = torch.finfo(theta.dtype).eps
         with torch.no_grad():
             u = torch.rand(theta.shape, dtype=theta.dtype, device=theta.device).clamp(eps, 1 - eps)
@@ -264,7 +260,7 @@ class _Relaxed(_Learned):
         soft, soft_cond = torch.sigmoid(z / temp), torch.sigmoid(z_cond / temp)
         value = torch.cat([b, soft, soft_cond], dim=dim)
         log_p = dist.log_prob(b)
-        return value, {"theta": theta, "log_p": log_p, "z": z, "z_cond": z_cond, "cv": cv, "state": state, "own": own}
+        return value, {"theta": theta, "log_p": log_p, "z": z, "z_cond": z_cond, "cv": cv, "state": state}
 
     def r(self, aux: dict, z: torch.Tensor, dim: int) -> torch.Tensor | None:
         return None
@@ -273,9 +269,7 @@ class _Relaxed(_Learned):
         state, cv = aux["state"], aux["cv"]
         f = plate_select(term, dim, 0)
         c_z, c_cond = plate_select(term, dim, 1), plate_select(term, dim, 2)
-        eta = cv["lin"][..., 0]
-        if state.get("runs") is not None:
-            eta = eta.reshape((-1,) + (1,) * (f.dim() - 1))
+        eta = cv["lin"][0]
         c_z, c_cond = eta * c_z, eta * c_cond
         r_z, r_cond = self.r(aux, aux["z"], dim), self.r(aux, aux["z_cond"], dim)
         if r_z is not None:
@@ -287,10 +281,7 @@ class _Relaxed(_Learned):
             # a fitted multiple of the mean cost of the other samples (independent of this one)
             n = signal.shape[sd]
             fd = f.detach()
-            beta = cv["lin"][..., -1]
-            if state.get("runs") is not None:
-                beta = beta.reshape((-1,) + (1,) * (f.dim() - 1))
-            signal = signal - beta * (fd.sum(sd, keepdim=True) - fd) / (n - 1)
+            signal = signal - cv["lin"][-1] * (fd.sum(sd, keepdim=True) - fd) / (n - 1)
         return f + signal * first_order(log_p) + first_order(c_z - c_cond)
 
 
@@ -309,12 +300,9 @@ class RELAX(_Relaxed):
     options = {**_Relaxed.options, "eta": 0.0}
 
     def r(self, aux: dict, z: torch.Tensor, dim: int) -> torch.Tensor:
-        state, own = aux["state"], aux["own"]
-        rho = aux["cv"]["lin"][..., 1:4]
-        if state.get("runs") is not None:
-            rho = rho.reshape((rho.shape[0],) + (1,) * (dim + own) + (3,))
+        rho = aux["cv"]["lin"][1:4]
         s = torch.sigmoid(z)
-        val = rho[..., 0] + rho[..., 1] * s + rho[..., 2] * s * s
+        val = rho[0] + rho[1] * s + rho[2] * s * s
         return site_sum(val, dim)
 
 
