@@ -34,6 +34,13 @@ def same_device(a: torch.device | None, b: torch.device | None) -> bool:
     return _index(a) == _index(b)
 
 
+def placed_like(state: dict, device: torch.device | None, dtype: torch.dtype) -> bool:
+    """Whether estimator or baseline ``state`` was made for runs on ``device`` in
+    ``dtype`` (its ``"device"`` and ``"dtype"`` entries): state from another device
+    or dtype is started afresh."""
+    return state.get("dtype") == dtype and same_device(state.get("device"), device)
+
+
 def on_device(device: torch.device | None):
     """A context in which torch's factory functions without ``device=`` make
     their tensors on ``device``; nothing where that is already torch's default

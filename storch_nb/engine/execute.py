@@ -7,7 +7,7 @@ from torch.distributions import Distribution
 
 from ..errors import EstimatorError, StoryError, StoryNameError
 from ..estimators import Estimator, auto_estimator
-from .devices import on_device, same_device
+from .devices import on_device, placed_like, same_device
 from .plan import Plan, SiteOp
 
 
@@ -67,9 +67,8 @@ class Execution:
         key = (op.node, "estimator", est.text())  # each estimator keeps its own state per site
         state = self.state.setdefault(key, {})
         runs = self.sizes[0] if self.plan.run_dim else None
-        if (state.get("runs", 0) != runs or state.get("dtype") != self.dtype
-                or not same_device(state.get("device"), self.device)):
-            # control variates are per run, and live on the run's device in its dtype: start afresh
+        if state.get("runs", 0) != runs or not placed_like(state, self.device, self.dtype):
+            # state made for another number of runs, device or dtype: start afresh
             state.clear()
             state["runs"] = runs
             state["device"], state["dtype"] = self.device, self.dtype

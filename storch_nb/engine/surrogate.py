@@ -23,7 +23,7 @@ import torch
 
 from ..errors import StoryError
 from ..estimators.base import first_order_only
-from .devices import same_device
+from .devices import placed_like
 from .execute import Execution
 
 
@@ -108,8 +108,7 @@ def build(ex: Execution, state: dict, keep: int, stop: int | None = None, first_
             for site, est, lp in scored:
                 key = (site.node, op.node)
                 st = state.get(key)
-                if (st is None or st.get("sizes") != ex.sizes[:keep] or st.get("dtype") != ex.dtype
-                        or not same_device(st.get("device"), ex.device)):
+                if st is None or st.get("sizes") != ex.sizes[:keep] or not placed_like(st, ex.device, ex.dtype):
                     # baseline state (moving averages) per run, on the run's device in its dtype
                     st = state[key] = {"sizes": ex.sizes[:keep], "run_dims": keep, "device": ex.device, "dtype": ex.dtype}
                 dim = site.plate if site.plate is not None and est.n is not None else site.sample_dim
