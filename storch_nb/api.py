@@ -666,7 +666,7 @@ _SURELY_FITS = 256 * 2**20  # bytes a run may take without checking the device's
 
 def _learns_cv(default: str, per_site: Mapping[str, str]) -> bool:
     """Whether an estimator named in the spec learns a control variate."""
-    return _texts_learn_cv((default, *per_site.values())) if per_site else _texts_learn_cv((default,))
+    return _texts_learn_cv((default, *per_site.values()))
 
 
 @lru_cache(maxsize=256)

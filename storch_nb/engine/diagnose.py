@@ -38,15 +38,13 @@ def all_finite(tensors) -> bool:
     return all(bool(torch.stack(flags).all()) for flags in by_device.values())
 
 
-def read_checked(values: list[torch.Tensor], grads: dict[str, torch.Tensor],
-                 on_cpu: bool | None = None) -> tuple[list[float], bool]:
+def read_checked(values: list[torch.Tensor], grads: dict[str, torch.Tensor], on_cpu: bool) -> tuple[list[float], bool]:
     """The scalar tensors ``values`` as floats, and whether every gradient is
     finite. On the CPU, as :func:`grads_finite`; elsewhere with one read of the
     device: the values and the sum of each gradient go back together (a NaN or
     an infinity anywhere makes its sum non-finite; a sum that overflowed from
-    finite entries is told apart by the exact check, run only then)."""
-    if on_cpu is None:  # ``on_cpu``: the caller knows every tensor is on the CPU
-        on_cpu = values[0].device.type == "cpu" and all(g.device.type == "cpu" for g in grads.values())
+    finite entries is told apart by the exact check, run only then). ``on_cpu``:
+    the run, and so every tensor here, is on the CPU."""
     if on_cpu:
         return [v.item() for v in values], grads_finite(grads)
     return read_fused(values, grads)
