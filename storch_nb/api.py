@@ -22,7 +22,7 @@ from .errors import EstimatorError, StoryError
 from .estimators import make_estimator, parse_spec
 from .graph import Graph
 from .story.parse import parse
-from .story.statements import Assign, Cost, Loop, Param, Site
+from .story.walk import free_names
 
 __all__ = ["Story"]
 
@@ -90,24 +90,6 @@ def _namespace(namespace: Any) -> Mapping[str, Any]:
     return namespace
 
 
-def _free_names(statements) -> set[str]:
-    out: set[str] = set()
-    for st in statements:
-        if isinstance(st, (Assign, Param, Cost)):
-            out.update(st.expr.names)
-        elif isinstance(st, Site):
-            out.update(st.dist.names)
-            for a in st.args:
-                out.update(a.names)
-            for _, a in st.kwargs:
-                out.update(a.names)
-        elif isinstance(st, Loop):
-            for a in st.range_args:
-                out.update(a.names)
-            out |= _free_names(st.body)
-    return out
-
-
 class Story:
     """A generative story: parsed once, then run with any estimator.
 
@@ -122,7 +104,7 @@ class Story:
     def __init__(self, text: str) -> None:
         self.text = text
         self.program = parse(text)
-        self._free = tuple(sorted(_free_names(self.program.statements)))
+        self._free = tuple(sorted(free_names(self.program.statements)))
         self._plans: dict[tuple, Plan] = {}
         self._state: dict = {}
         self._params: dict[str, torch.Tensor] = {}
@@ -551,9 +533,13 @@ class Story:
             leaves = self._leaves(plan, ns, dev, dt)
             total, used, ex = self._pass(plan, leaves, 1, 1, dev, dt, max_outcomes)
         except EstimatorError as exc:
+            unfit = getattr(exc, "unfit", None)
+            if unfit is None:  # enumeration cannot credit a cost outside a plate
+                raise StoryError(f"exact() cannot sum this story: {exc.message}", lineno=exc.lineno, line=exc.line,
+                                 col=exc.col, hint="compute that cost inside the plate, one datapoint's part of it") from None
+            site, dist, _ = unfit
             raise StoryError(
-                "exact() needs every site to have a finite support, but "
-                + exc.message.split("does not fit ", 1)[-1].replace(": it has no finite support", " has none"),
+                f"exact() needs every site to have a finite support, but site `{site}` ({dist}) has none",
                 lineno=exc.lineno,
                 line=exc.line,
                 hint="exact() works for discrete stories (Bernoulli, Categorical, ...); use run() for continuous ones",

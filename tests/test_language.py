@@ -304,16 +304,18 @@ def test_indexing_a_parameter():
 
 MINIBATCH = """\
 t = param(torch.tensor([0.3, -0.2, 0.5, 0.0]))
-b ~ Bernoulli(logits=t)
-cost (b - y)**2
+for t_i, y_i in plate(t, y):
+    b ~ Bernoulli(logits=t_i)
+    cost (b - y_i)**2
 """
 
 
 def test_minibatch_datapoints_stay_independent():
-    """Site with batch shape (N,) and a cost of shape (N,): the objective is the mean over
+    """A plate over N datapoints, its cost per datapoint: the objective is the mean over
     datapoints, and datapoint i's sample is scored with datapoint i's cost only, so the
     variance of the S-sample score estimate of d/dt_i is Var_1(i) / (N^2 S) (NOTES.md
-    formula per datapoint), not the much larger variance of a summed log-probability."""
+    formula per datapoint), not the much larger variance of a summed log-probability.
+    (Without the plate, the same shapes are not independence: see test_plates.py.)"""
     t = torch.tensor([0.3, -0.2, 0.5, 0.0], dtype=torch.float64)
     y = torch.tensor([0.45, 0.2, 0.9, 0.499], dtype=torch.float64)
     n, S, R = 4, 8, 20_000

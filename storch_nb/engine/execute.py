@@ -9,13 +9,14 @@ from ..errors import EstimatorError, StoryError, StoryNameError
 from ..estimators import Estimator, auto_estimator
 from .devices import on_device, placed_like, same_device
 from .plan import Plan, SiteOp
+from .plates import AVERAGE, ENUMERATED, Plate, Variants
 
 
 class Execution:
     """The state of one pass: the values, the batch sizes and what each site and cost left."""
 
-    __slots__ = ("env", "sizes", "kinds", "sites", "costs", "validate", "dtype", "device", "plan", "max_outcomes", "_auto",
-                 "state")
+    __slots__ = ("env", "sizes", "plates", "sites", "costs", "validate", "dtype", "device", "plan", "max_outcomes",
+                 "_auto", "state")
 
     def __init__(self, plan: Plan, env: dict, sizes: list[int], dtype, device, validate: bool, max_outcomes: int = 10**6,
                  state: dict | None = None):
@@ -23,7 +24,7 @@ class Execution:
         self.plan = plan
         self.env = env
         self.sizes = sizes  # full size of each batch dim: [runs?], samples, plates...
-        self.kinds = ["mean"] * len(sizes)  # how each batch dim is reduced ("sum" for enumeration)
+        self.plates: list[Plate] = [AVERAGE] * len(sizes)  # how the surrogate reduces each batch dim
         self.sites: dict[str, tuple] = {}
         self.costs: list = []
         self.validate = validate
@@ -40,26 +41,28 @@ class Execution:
             est = self._auto[key] = auto_estimator(dist, particles)
         return est
 
-    def new_plate(self, op: SiteOp, size: int, kind: str) -> None:
-        while len(self.sizes) <= op.plate:
+    def open_plate(self, dim: int, size: int, plate: Plate, node: str = "") -> None:
+        """Batch dim ``dim`` gets ``size`` entries, reduced as ``plate`` says."""
+        while len(self.sizes) <= dim:
             self.sizes.append(1)
-            self.kinds.append("mean")
-        self.sizes[op.plate] = size
-        self.kinds[op.plate] = kind
-        total = 1  # joint outcomes of the enumerated sites (samples and runs do not count)
-        for s, k in zip(self.sizes, self.kinds):
-            if k == "sum":
-                total *= s
-        if kind == "sum" and total > self.max_outcomes:
-            raise StoryError(
-                f"enumerating site `{op.node}` makes {total:,} joint outcomes, over the budget of {self.max_outcomes:,}",
-                hint="raise max_outcomes, or use a sampling estimator for some sites",
-            )
+            self.plates.append(AVERAGE)
+        self.sizes[dim] = size
+        self.plates[dim] = plate
+        if plate is ENUMERATED:
+            total = 1  # joint outcomes of the enumerated sites (samples, runs and datapoints do not count)
+            for s, p in zip(self.sizes, self.plates):
+                if p is ENUMERATED:
+                    total *= s
+            if total > self.max_outcomes:
+                raise StoryError(
+                    f"enumerating site `{node}` makes {total:,} joint outcomes, over the budget of {self.max_outcomes:,}",
+                    hint="raise max_outcomes, or use a sampling estimator for some sites",
+                )
 
     def plated_site(self, op: SiteOp, dist: Distribution, est: Estimator):
         """Variants of the site along its own plate, drawn by the estimator."""
         size = est.plate_size(dist)
-        self.new_plate(op, size, "mean")
+        self.open_plate(op.plate, size, AVERAGE)
         base = tuple(self.sizes[d] if d in op.dims and d != op.plate else 1 for d in range(op.rank))
         own = tuple(dist.batch_shape[op.rank :]) if op.arg_rank else tuple(dist.batch_shape)
         if tuple(dist.batch_shape) != base + own:
@@ -78,7 +81,7 @@ class Execution:
         except EstimatorError as exc:
             exc.message = f"site `{op.node}`: {exc.message}"
             raise
-        self.kinds[op.plate] = PlateReducer(op.node, est, aux)
+        self.plates[op.plate] = Variants(op.node, est, aux, op.plates)
         return value, aux
 
     def enumerate_site(self, op: SiteOp, dist: Distribution, est: Estimator):
@@ -100,7 +103,7 @@ class Execution:
                 f"site `{op.node}` has {outcomes:,} joint outcomes, over the budget of {budget:,}",
                 hint="use a sampling estimator for this site, or raise max_outcomes",
             )
-        self.new_plate(op, outcomes, "sum")
+        self.open_plate(op.plate, outcomes, ENUMERATED, op.node)
         if n_entries == 1:
             values = flat.reshape((outcomes,) + own_batch + event)
         else:
@@ -112,18 +115,6 @@ class Execution:
         if own_rank:
             lp = lp.sum(tuple(range(lp.dim() - own_rank, lp.dim())))
         return value, lp
-
-
-class PlateReducer:
-    """The reduction of a plated estimator's variant plate (a ``kinds`` entry)."""
-
-    __slots__ = ("node", "est", "aux")
-
-    def __init__(self, node: str, est: Estimator, aux) -> None:
-        self.node, self.est, self.aux = node, est, aux
-
-    def __call__(self, term: torch.Tensor, dim: int) -> torch.Tensor:
-        return self.est.reduce_plate(term, dim, self.aux)
 
 
 def execute(plan: Plan, env: dict, sizes: list[int], dtype, device, validate: bool, max_outcomes: int = 10**6,

@@ -22,8 +22,11 @@ from torch.distributions import Distribution
 from ..errors import EstimatorError, StoryError, StoryNameError
 from ..estimators import Estimator, make_estimator
 from ..graph import Graph, Node
-from ..story.statements import Assign, Cost, Expr, Loop, Param, Program, Site, Statement
+from ..story.statements import Assign, Cost, Expr, Loop, Param, Plate, Program, Site, Statement
+from ..story.walk import defined_names, walk
+from .checks import check_arguments, random_call
 from .helpers import BUILTINS, HELPERS
+from .plates import AVERAGE, Data
 from .vectorize import Compiled, has_scope, is_elementwise
 
 _ARGS_CACHE: dict[type, tuple[tuple[str, ...], dict[str, int]]] = {}
@@ -96,6 +99,7 @@ class CostOp:
     line: str
     fn: Compiled
     sites: tuple[str, ...]  # the sites upstream of this cost, in execution order
+    plates: frozenset[int] = frozenset()  # the data plates the cost is inside (their batch dims)
 
     def run(self, ex) -> None:
         v = self.fn(ex.env)
@@ -135,6 +139,8 @@ class SiteOp:
     plate: int | None  # the dim of the site's own plate (n=K or enumerate)
     sample_dim: int  # the story's sample dimension
     ancestors: tuple[str, ...]  # upstream sites
+    plates: frozenset[int] = frozenset()  # the data plates the site is inside (their batch dims)
+    cols: tuple[tuple[str | int, int], ...] = ()  # argument (position or name) -> its column, for carets
     checked: dict = field(default_factory=dict)
     numbers: dict = field(default_factory=dict, repr=False)
 
@@ -154,12 +160,15 @@ class SiteOp:
         if self.arg_rank:
             args, kwargs = self.align(cls, args, kwargs)
         # Python numbers become tensors of the run's dtype and device (cached)
+        numbers: list[str | int] = []
         for i, a in enumerate(args):
             if type(a) in (float, int):
                 args[i] = self.number(a, ex)
+                numbers.append(i)
         for k, a in kwargs.items():
             if type(a) in (float, int):
                 kwargs[k] = self.number(a, ex)
+                numbers.append(k)
         if not (isinstance(cls, type) and issubclass(cls, Distribution)):
             d = cls(*args, **kwargs)
             if not isinstance(d, Distribution):
@@ -167,14 +176,32 @@ class SiteOp:
                     f"`~` needs a distribution, got {type(d).__name__}",
                     hint="write e.g. `x ~ Normal(0, 1)`; any torch.distributions class works",
                 )
+            self.check(d, ())
             return d
         try:
-            return cls(*args, **kwargs, validate_args=ex.validate)
+            d = cls(*args, **kwargs, validate_args=False)
         except (ValueError, TypeError) as exc:
             raise StoryError(
                 f"invalid arguments for {cls.__name__}: {exc}",
                 hint=f"see help(torch.distributions.{cls.__name__}) for its arguments and their constraints",
             ) from None
+        # arguments are checked on every pass (a scale trained below zero stops at that step);
+        # those given as Python numbers only on the plan's first
+        self.check(d, () if ex.validate else numbers, cls)
+        return d
+
+    def check(self, d: Distribution, numbers, cls: Any = None) -> None:
+        """Check the distribution's arguments; put the caret under the offending one."""
+        names = dist_args(cls)[0] if cls is not None else ()
+        skip = {names[i] if isinstance(i, int) and i < len(names) else i for i in numbers}
+        try:
+            check_arguments(d, skip)
+        except StoryError as exc:
+            name = getattr(exc, "argument", None)
+            for key, col in self.cols:
+                if key == name or (isinstance(key, int) and key < len(names) and names[key] == name):
+                    exc.col = col
+            raise
 
     def number(self, a: float, ex) -> torch.Tensor:
         key = (a, ex.dtype, ex.device)
@@ -234,7 +261,7 @@ class SiteOp:
             ex.sites[self.node] = (self, est, aux)
             return
         if self.plate is not None:
-            ex.new_plate(self, est.n, "mean")
+            ex.open_plate(self.plate, est.n, AVERAGE)
         sizes = ex.sizes
         target = tuple(sizes[d] if d in self.dims else 1 for d in range(self.rank))
         if self.arg_rank == 0:
@@ -246,6 +273,106 @@ class SiteOp:
         lp = dist.log_prob(value) if est.scored else None
         ex.env[self.var] = value
         ex.sites[self.node] = (self, est, lp)
+
+
+@dataclass
+class PlateOp:
+    """Opens a data plate: binds each name to one datapoint of its tensor (the
+    tensor's first own dimension becomes the plate's batch dimension), drawing
+    ``batch`` datapoints per run where asked."""
+
+    targets: tuple[str, ...]
+    lineno: int
+    line: str
+    col: int
+    fns: tuple[Compiled, ...]
+    texts: tuple[str, ...]
+    dim: int
+    batch: int | None
+    reduce: str
+    run_dim: bool
+
+    def run(self, ex) -> None:
+        values, n, first = [], None, None
+        for fn, text in zip(self.fns, self.texts):
+            v = fn(ex.env)
+            if isinstance(v, (list, tuple)):
+                v = torch.as_tensor(v)
+            if not isinstance(v, torch.Tensor):
+                raise StoryError(f"a plate runs over tensors, but `{text}` is {type(v).__name__}", col=self.col,
+                                 hint="give a tensor of N datapoints, shape (N, ...)")
+            if v.dim() - fn.rank < 1:
+                raise StoryError(
+                    f"a plate runs over the first dimension of its tensors, but `{text}` is a scalar",
+                    col=self.col,
+                    hint="give a tensor of N datapoints, shape (N, ...); for N independent draws "
+                    "without data, `for i in plate(torch.arange(N)):`",
+                )
+            size = v.shape[fn.rank]
+            if n is None:
+                n, first = size, text
+            elif size != n:
+                raise StoryError(f"the plate's tensors differ in length: `{first}` has {n} datapoints, `{text}` {size}",
+                                 col=self.col, hint="give tensors with the same first dimension")
+            values.append(v)
+        if not n:
+            raise StoryError(f"the plate runs over no datapoints (`{first}` is empty)", col=self.col,
+                             hint="give at least one datapoint")
+        if self.batch is not None and self.batch > n:
+            raise StoryError(f"batch={self.batch} is more than the plate's {n} datapoints", col=self.col,
+                             hint=f"use batch={n} or less, or leave batch out to use every datapoint")
+        size = n if self.batch is None else self.batch
+        ex.open_plate(self.dim, size, Data(self.lineno, size, n, self.reduce))
+        idx = None
+        if size < n:  # B datapoints drawn uniformly without replacement, afresh for each run
+            runs = ex.sizes[0] if self.run_dim else 1
+            idx = torch.rand(runs, n, device=ex.device).argsort(-1)[:, :size]
+        for name, fn, v in zip(self.targets, self.fns, values):
+            ex.env[name] = datapoint(v, fn.rank, self.dim, idx, self.run_dim)
+
+
+def datapoint(v: torch.Tensor, r: int, dim: int, idx: torch.Tensor | None, run_dim: bool) -> torch.Tensor:
+    """``v`` (batch rank ``r``) with its first own dimension moved to batch dim
+    ``dim`` (gathered at ``idx``, shape (runs, B), where given)."""
+    shape = v.shape
+    e = v.reshape(shape[:r] + (1,) * (dim - r) + shape[r:])
+    if idx is None:
+        return e
+    runs, b = idx.shape
+    lead = (runs,) + (1,) * (dim - 1) if run_dim else (1,) * dim
+    iv = idx.reshape(lead + (b,) + (1,) * (e.dim() - dim - 1))
+    return torch.take_along_dim(e, iv, dim=dim)
+
+
+@dataclass
+class StackOp:
+    """Closes a data plate: each name defined inside it becomes the stack of its
+    datapoints' values along a first own dimension (the plate's dim stays, size 1)."""
+
+    names: tuple[tuple[str, int], ...]  # (story name, its batch rank at the end of the block)
+    dim: int
+    lineno: int
+    line: str
+
+    def run(self, ex) -> None:
+        n = ex.sizes[self.dim]
+        for var, r in self.names:
+            v = ex.env.get(var)
+            if isinstance(v, (int, float)) and not isinstance(v, bool):
+                v, r = torch.tensor(v, dtype=ex.dtype if isinstance(v, float) else None, device=ex.device), 0
+            if isinstance(v, torch.Tensor):
+                ex.env[var] = stack(v, r, self.dim, n)
+
+
+def stack(v: torch.Tensor, r: int, dim: int, n: int) -> torch.Tensor:
+    """``v`` (batch rank ``r``) with batch dim ``dim`` (``n`` datapoints) moved to the
+    front of its own dims; the result has batch rank ``max(r, dim + 1)``, size 1 at ``dim``."""
+    m = max(r, dim + 1)
+    shape = v.shape
+    v = v.reshape(shape[:r] + (1,) * (m - r) + shape[r:])
+    if v.shape[dim] != n:
+        v = v.expand(v.shape[:dim] + (n,) + v.shape[dim + 1 :])
+    return v.movedim(dim, m - 1).unsqueeze(dim)
 
 
 @dataclass
@@ -314,6 +441,9 @@ class Planner:
         self.globals["__builtins__"] = BUILTINS
         self.constants: dict[str, torch.Tensor] = {}  # namespace tensors read as constants
         self.n_plates = 0
+        self.open_plates: list[int] = []  # batch dims of the data plates around the statement being planned
+        self.defined = defined_names(program.statements)  # story name -> the first line defining it
+        self.ended: dict[str, tuple[int, str]] = {}  # a plate's datapoint name after its block -> (line, data)
         self.n_costs = _count_costs(program.statements)
         self.cost_k = 0
         self.cost_names: dict[int, int] = {}
@@ -374,6 +504,38 @@ class Planner:
         )
         return StoryNameError(f"name `{name}` is not defined", lineno=expr.lineno, line=line, col=col, hint=hint)
 
+    def _locate(self, name: str, expr: Expr) -> tuple[str | None, int | None]:
+        line = self.program.lines[expr.lineno - 1] if expr.lineno <= len(self.program.lines) else None
+        m = re.search(rf"(?<![\w.]){re.escape(name)}(?!\w)", line) if line is not None else None
+        return line, m.start() if m else None
+
+    def early_error(self, name: str, expr: Expr) -> StoryNameError:
+        """A story name read on a line before the line that defines it."""
+        line, col = self._locate(name, expr)
+        at = self.defined[name]
+        if at <= expr.lineno:  # a loop variable after its loop
+            return StoryNameError(
+                f"`{name}` exists only inside the block of line {at}",
+                lineno=expr.lineno, line=line, col=col,
+                hint="use it inside that block, or keep what you need in a name defined there",
+            )
+        return StoryNameError(
+            f"`{name}` is used before line {at} defines it",
+            lineno=expr.lineno, line=line, col=col,
+            hint=f"move line {at} above this one (a story runs top to bottom), or rename one of them",
+        )
+
+    def ended_error(self, name: str, expr: Expr) -> StoryNameError:
+        """A plate's datapoint name read after the plate's block."""
+        line, col = self._locate(name, expr)
+        at, data = self.ended[name]
+        return StoryNameError(
+            f"`{name}` is one datapoint of the plate on line {at} and exists only inside its block",
+            lineno=expr.lineno, line=line, col=col,
+            hint=f"after the plate use `{data}` (every datapoint), or a name defined inside the block "
+            "(stacked: one entry per datapoint)",
+        )
+
     def compile(self, expr: Expr, loopvars: set[str]) -> tuple[Compiled, list[str]]:
         """Compile one expression; return it with the graph nodes it reads."""
         parents: list[str] = []
@@ -382,6 +544,16 @@ class Planner:
         rank = 0
         dims: set[int] = set()
         const_own = 0
+        rng = random_call(expr.node, self.resolve_object)
+        if rng is not None:
+            line = self.program.lines[expr.lineno - 1] if expr.lineno <= len(self.program.lines) else None
+            col = line.find(rng.lstrip(".")) if line else None
+            raise StoryError(
+                f"`{rng}(...)` draws random numbers outside `~`",
+                lineno=expr.lineno, line=line, col=col if col is not None and col >= 0 else None,
+                hint="draw randomness as a site, e.g. `eps ~ Normal(0, 1)`, so that the estimator sees it "
+                "(a hidden draw is shared by all samples, or makes the gradient wrong)",
+            )
         for name in expr.names:
             if name in self.scope:
                 node, r, d = self.scope[name]
@@ -394,6 +566,10 @@ class Planner:
                     unbatched.append(name)
             elif name in loopvars:
                 continue
+            elif name in self.ended:
+                raise self.ended_error(name, expr)
+            elif name in self.defined:
+                raise self.early_error(name, expr)
             elif name in self.ns:
                 value = self.ns[name]
                 node = self.namespace_leaf(name, value)
@@ -551,6 +727,11 @@ class Planner:
                 self.block(st.body, inner, f"{suffix}[{i}]")
             return
         if isinstance(st, Param):
+            if self.open_plates:
+                raise StoryError(
+                    "a param inside a plate would be one parameter shared by every datapoint",
+                    hint="declare it before the plate (parameters are global), e.g. `w = param(0.0)`",
+                )
             name = self.unique(st.target + suffix)
             for n in st.expr.names:
                 if n in self.scope:
@@ -582,13 +763,16 @@ class Planner:
         if isinstance(st, Site):
             self.site(st, lv, suffix)
             return
+        if isinstance(st, Plate):
+            self.plate(st, loopvars, suffix)
+            return
         if isinstance(st, Cost):
             fn, parents = self.compile(st.expr, lv)
             k = self.cost_names.setdefault(id(st), len(self.cost_names) + 1)
             base = "cost" if self.n_costs == 1 else f"cost{k}"
             name = self.unique(base + suffix)
             self.add_node(name, "cost", st.lineno, parents)
-            op = CostOp(name, st.lineno, st.line, fn, self.upstream_sites(name))
+            op = CostOp(name, st.lineno, st.line, fn, self.upstream_sites(name), frozenset(self.open_plates))
             self.cost_ops.append(op)
             self.ops.append(op)
             return
@@ -631,8 +815,9 @@ class Planner:
             rank = plate + 1
             dims |= {plate}
         else:
-            rank = max(arg_rank, self.base_rank)
+            rank = max(arg_rank, self.base_rank, *(d + 1 for d in self.open_plates))
         dims |= set(range(self.base_rank))  # every site draws for every run and sample
+        dims |= set(self.open_plates)  # and, inside a plate, for every datapoint
         parents = list(dict.fromkeys(parents))
         self.add_node(name, "stochastic", st.lineno, parents)
         op = SiteOp(
@@ -652,6 +837,8 @@ class Planner:
             plate=plate,
             sample_dim=self.sample_dim,
             ancestors=self.upstream_sites(name),
+            plates=frozenset(self.open_plates),
+            cols=tuple((i, a.col) for i, a in enumerate(st.args)) + tuple((k, a.col) for k, a in st.kwargs),
         )
         if static_dist is not None and est is not None and isinstance(static_dist, type) and issubclass(static_dist, Distribution):
             est.check_class(static_dist, name)  # refuse `pathwise` on Bernoulli before running
@@ -662,15 +849,58 @@ class Planner:
         self.static.pop(st.target, None)
 
 
+    def plate(self, st: Plate, loopvars: dict[str, int], suffix: str) -> None:
+        """A data plate: its datapoint names get a new batch dim for the block;
+        after it, every name the block defined is stacked along a first own dim."""
+        lv = set(loopvars)
+        compiled = [self.compile(a, lv) for a in st.args]
+        batch = None
+        if st.batch is not None:
+            batch = self.static_eval(st.batch, loopvars)
+            if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+                raise StoryError(
+                    f"a plate's batch must be a positive int, not {batch!r}",
+                    col=st.batch.col,
+                    hint="give the number of datapoints drawn per run, e.g. `plate(x, batch=32)`",
+                )
+        dim = self.base_rank + self.n_plates
+        self.n_plates += 1
+        saved = {t: self.scope.get(t) for t in st.targets}
+        for t, (fn, parents) in zip(st.targets, compiled):
+            node = self.unique(t + suffix)
+            self.add_node(node, "deterministic", st.lineno, parents)
+            self.scope[t] = (node, dim + 1, frozenset(fn.dims) | {dim})
+            self.static.pop(t, None)
+            self.ended.pop(t, None)
+        self.ops.append(PlateOp(
+            targets=st.targets, lineno=st.lineno, line=st.line, col=st.col, fns=tuple(fn for fn, _ in compiled),
+            texts=tuple(a.text for a in st.args), dim=dim, batch=batch, reduce=st.reduce, run_dim=self.run_dim,
+        ))
+        before = dict(self.scope)
+        self.open_plates.append(dim)
+        try:
+            self.block(st.body, loopvars, suffix)
+        finally:
+            self.open_plates.pop()
+        for t, a in zip(st.targets, st.args):
+            if saved[t] is None:
+                self.scope.pop(t, None)
+                self.ended[t] = (st.lineno, a.text)
+            else:
+                self.scope[t] = saved[t]
+        stacked = []
+        for name, (node, r, dims) in list(self.scope.items()):
+            if before.get(name) is not self.scope[name] and name not in st.targets:
+                stacked.append((name, r))
+                self.scope[name] = (node, max(r, dim + 1), dims - {dim})
+                self.static.pop(name, None)
+        if stacked:
+            self.ops.append(StackOp(tuple(stacked), dim, st.lineno, st.line))
+
+
 #: the most statements a story may unroll into (loops included)
 MAX_UNROLLED = 10_000
 
 
 def _count_costs(statements) -> int:
-    n = 0
-    for st in statements:
-        if isinstance(st, Cost):
-            n += 1
-        elif isinstance(st, Loop):
-            n += _count_costs(st.body)
-    return n
+    return sum(isinstance(st, Cost) for st in walk(statements))

@@ -8,23 +8,31 @@ sites ``U_c`` upstream of it::
                                     + sum_{w in W_c} (1 - box(l_w)) * box(sum_{v in A_w} l_v) * b_w )
 
 where ``box(x) = exp(x - stop_grad(x))`` (Foerster et al., 2018), ``l_w`` is
-the site's log-probability summed down to the cost's own shape, ``A_w`` are
-the scored sites upstream of ``w`` and ``b_w`` the site's baseline (Mao et al.,
-2019). Each term is averaged over the cost's own entries, summed over
-enumeration plates and averaged over sample plates; the terms are summed over
-costs. Because the baseline term carries ``box(l_w)`` only through ``1 - box``
-(never multiplied by the site's own box a second time) its second derivative
-has expectation zero: baselines keep higher derivatives unbiased.
+the site's joint log-probability (summed over all its own entries, and over
+the datapoints of every plate that the site is inside and the cost is not),
+``A_w`` are the scored sites upstream of ``w`` and ``b_w`` the site's
+baseline (Mao et al., 2019). Credit is never guessed from shapes: every
+entry of a site is credited with the whole cost, whatever its entries mix;
+independence comes only from plates, whose dimension a cost inside keeps
+(see ``plates.py``). Each term is averaged over the cost's own entries, then
+every batch dimension is reduced by its :class:`~.plates.Plate` (mean over
+samples, sum over enumerated outcomes, a plated estimator's own reduction);
+the terms are summed over costs. Because the baseline term carries
+``box(l_w)`` only through ``1 - box`` (never multiplied by the site's own box
+a second time) its second derivative has expectation zero: baselines keep
+higher derivatives unbiased.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 
 from ..errors import StoryError
-from ..estimators.base import first_order_only
 from .devices import placed_like
 from .execute import Execution
+from .plates import CostView, outside_error
 
 
 def _sum(xs: list) -> torch.Tensor | None:
@@ -40,17 +48,121 @@ def _box(x: torch.Tensor) -> torch.Tensor:
     return torch.exp(x - x.detach())
 
 
-def _to_cost_shape(lp: torch.Tensor, r: int, m: int, k: int) -> torch.Tensor:
-    """Sum a log-probability (batch rank ``r``) over its trailing own dims down
-    to own rank ``k``, then view it at batch rank ``m`` (right-aligned own dims)."""
-    own = lp.dim() - r
-    if own > k:
-        lp = lp.sum(tuple(range(lp.dim() - (own - k), lp.dim())))
-        own = k
-    if r == m and own == k:
-        return lp
-    shape = lp.shape
-    return lp.reshape(shape[:r] + (1,) * (m - r) + (1,) * (k - own) + shape[r:])
+def joint_log_prob(lp: torch.Tensor, r: int, m: int, k: int, outside: frozenset[int]) -> torch.Tensor:
+    """A site's log-probability (batch rank ``r``) summed over all its own entries
+    and over the plate dims in ``outside``, viewed against a cost of batch rank
+    ``m`` and own rank ``k``."""
+    if lp.dim() > r:
+        lp = lp.sum(tuple(range(r, lp.dim())))
+    for d in outside:
+        if lp.shape[d] > 1:
+            lp = lp.sum(d, keepdim=True)
+    return lp.reshape(lp.shape + (1,) * (m - r + k))
+
+
+@dataclass
+class _Parts:
+    """What the sites upstream of one cost contribute to its term."""
+
+    scored: list = field(default_factory=list)  # (site op, estimator, joint log-prob in the cost's shape)
+    enumerated: list = field(default_factory=list)  # (site op, log-probability of the outcome in the cost's shape)
+    baselines: list = field(default_factory=list)  # (site op, log-prob, baseline, enumerated ancestors, has rest)
+
+
+def _parts(ex: Execution, op, c: torch.Tensor) -> _Parts:
+    r, k = op.fn.rank, c.dim() - op.fn.rank
+    parts = _Parts()
+    for name in op.sites:
+        site, est, lp = ex.sites[name]
+        outside = site.plates - op.plates
+        if est.enumerates:
+            if outside:
+                raise outside_error(site.node, est.name, op.lineno)
+            parts.enumerated.append((site, joint_log_prob(lp, site.rank, r, k, frozenset())))
+        elif est.scored:
+            parts.scored.append((site, est, joint_log_prob(lp, site.rank, r, k, outside)))
+    return parts
+
+
+def _baseline_state(state: dict, site, op, ex: Execution, keep: int) -> dict:
+    """Baseline state (moving averages) per site, cost and run, on the run's device in its dtype."""
+    key = (site.node, op.node)
+    st = state.get(key)
+    if st is None or st.get("sizes") != ex.sizes[:keep] or not placed_like(st, ex.device, ex.dtype):
+        st = state[key] = {"sizes": ex.sizes[:keep], "run_dims": keep, "device": ex.device, "dtype": ex.dtype}
+    return st
+
+
+def _signal(c: torch.Tensor, site, enumerated: list) -> tuple[torch.Tensor, list, bool]:
+    """The site's learning signal: the cost, summed over the enumerated outcomes
+    that do not come before the site (its expectation over them); the enumerated
+    ancestors' weights; whether any outcome was summed."""
+    anc = [w for u, w in enumerated if u.node in site.ancestors]
+    rest = [(u, w) for u, w in enumerated if u.node not in site.ancestors]
+    signal = c.detach()
+    if rest:
+        signal = signal * torch.exp(_sum([w for _, w in rest])).detach()
+        signal = signal.sum(tuple(u.plate for u, _ in rest), keepdim=True)
+    return signal, anc, bool(rest)
+
+
+def _add_baselines(ex: Execution, op, c, parts: _Parts, state: dict, keep: int, updates: list) -> list:
+    """Each scored site's baseline (recorded in ``parts``) and learning signal (returned)."""
+    signals = []
+    for site, est, lp in parts.scored:
+        st = _baseline_state(state, site, op, ex, keep)
+        dim = site.plate if site.plate is not None and est.n is not None else site.sample_dim
+        signal, anc, has_rest = _signal(c, site, parts.enumerated)
+        try:
+            b = est.baseline(signal, dim, st)
+        except StoryError as exc:
+            raise exc.located(site.lineno, site.line) from None
+        updates.append((est, signal, dim, st))
+        signals.append(signal)
+        if b is not None:
+            parts.baselines.append((site, lp, b, anc, has_rest))
+    return signals
+
+
+def _scored_term(c, parts: _Parts, signals: list, first_order: bool):
+    """The cost with its scored sites' boxes and baselines: (term, baseline terms that
+    enumeration plates must not sum over, or None)."""
+    if first_order and not parts.enumerated:
+        # c + sum_w (l_w - stop_grad(l_w)) * (stop_grad(c) - b_w): the DiCE form's value and first derivative
+        term = c
+        with_b = {id(site): b for site, _, b, _, _ in parts.baselines}
+        for (site, _, lp), signal in zip(parts.scored, signals):
+            b = with_b.get(id(site))
+            term = term + (lp - lp.detach()) * (signal if b is None else signal - b)
+        return term, None
+    if len(parts.scored) == 1 and len(parts.baselines) == 1 and not parts.enumerated:
+        b = parts.baselines[0][2]  # (1 - box) * b + box * c, with one product fewer
+        return b + _box(parts.scored[0][2]) * (c - b), None
+    term = _box(_sum([lp for _, _, lp in parts.scored])) * c
+    extra = None
+    for site, lp, b, anc, has_rest in parts.baselines:
+        bt = (1 - _box(lp)) * b
+        up = [lp2 for s2, _, lp2 in parts.scored if s2.node in site.ancestors]
+        if up:
+            bt = bt * _box(_sum(up))
+        if anc:
+            bt = bt * torch.exp(_sum(anc))
+        if has_rest:
+            extra = bt if extra is None else extra + bt
+        else:
+            term = term + bt
+    return term, extra
+
+
+def _reduce(term: torch.Tensor, k: int, ex: Execution, view: CostView, stop: int, averaging: bool) -> torch.Tensor:
+    """Average the cost's own ``k`` entries, then reduce the batch dims after ``stop``."""
+    if averaging and stop == 0:
+        return term.mean()
+    if k:
+        term = term.mean(tuple(range(term.dim() - k, term.dim())))
+    for d in range(term.dim() - 1, stop - 1, -1):
+        term = ex.plates[d].reduce(term, d, view)
+    return term
 
 
 def build(ex: Execution, state: dict, keep: int, stop: int | None = None, first_order: bool = False) -> torch.Tensor:
@@ -67,96 +179,24 @@ def build(ex: Execution, state: dict, keep: int, stop: int | None = None, first_
     """
     stop = keep if stop is None else stop
     total = None
-    updates = []
-    kinds = ex.kinds
-
-    all_mean = all(kd == "mean" for kd in kinds)
-
-    def reduce(term: torch.Tensor, k: int, upstream: tuple[str, ...]) -> torch.Tensor:
-        # average the cost's own entries, then reduce the batch dims
-        if all_mean and stop == 0:
-            return term.mean()
-        if k:
-            term = term.mean(tuple(range(term.dim() - k, term.dim())))
-        for d in range(term.dim() - 1, stop - 1, -1):
-            kd = kinds[d]
-            if kd == "sum":
-                term = term.sum(d)
-            elif kd == "mean" or kd.node not in upstream:
-                term = term.mean(d)
-            else:  # a plated estimator's variants: the estimator reduces them
-                term = kd(term, d)
-                if not first_order and not kd.est.higher_order:
-                    term = first_order_only(term, kd.est.name)
-        return term
-
+    updates: list = []
+    sizes = tuple(ex.sizes)
+    averaging = all(p.averages for p in ex.plates)
     for op, c in ex.costs:
-        r = op.fn.rank
-        k = c.dim() - r
-        scored = []  # (site op, estimator, log-prob in the cost's shape)
-        enumerated = []  # (site op, log-probability of the outcome in the cost's shape)
-        for name in op.sites:
-            site, est, lp = ex.sites[name]
-            if est.enumerates:
-                enumerated.append((site, _to_cost_shape(lp, site.rank, r, k)))
-            elif est.scored:
-                scored.append((site, est, _to_cost_shape(lp, site.rank, r, k)))
-        weights = _sum([w for _, w in enumerated])
-        extra = None  # baseline terms that enumeration plates must not sum over
-        if scored:
-            baselines = []
-            for site, est, lp in scored:
-                key = (site.node, op.node)
-                st = state.get(key)
-                if st is None or st.get("sizes") != ex.sizes[:keep] or not placed_like(st, ex.device, ex.dtype):
-                    # baseline state (moving averages) per run, on the run's device in its dtype
-                    st = state[key] = {"sizes": ex.sizes[:keep], "run_dims": keep, "device": ex.device, "dtype": ex.dtype}
-                dim = site.plate if site.plate is not None and est.n is not None else site.sample_dim
-                # the site's learning signal: the cost, summed over the enumerated
-                # outcomes that do not come before the site (its expectation over them)
-                anc = [w for u, w in enumerated if u.node in site.ancestors]
-                rest = [(u, w) for u, w in enumerated if u.node not in site.ancestors]
-                signal = c.detach()
-                if rest:
-                    signal = signal * torch.exp(_sum([w for _, w in rest])).detach()
-                    signal = signal.sum(tuple(u.plate for u, _ in rest), keepdim=True)
-                try:
-                    b = est.baseline(signal, dim, st)
-                except StoryError as exc:
-                    raise exc.located(site.lineno, site.line) from None
-                updates.append((est, signal, dim, st))
-                if b is not None:
-                    baselines.append((site, lp, b, anc, bool(rest)))
-            if first_order and not enumerated:
-                term = c
-                with_b = {id(site): b for site, _, b, _, _ in baselines}
-                for site, _, lp in scored:
-                    b = with_b.get(id(site))
-                    term = term + (lp - lp.detach()) * (signal if b is None else signal - b)
-            elif len(scored) == 1 and len(baselines) == 1 and not enumerated:
-                # (1 - box) * b + box * c, written with one product fewer
-                b = baselines[0][2]
-                term = b + _box(scored[0][2]) * (c - b)
-            else:
-                term = _box(_sum([lp for _, _, lp in scored])) * c
-                for site, lp, b, anc, has_rest in baselines:
-                    bt = (1 - _box(lp)) * b
-                    up = [lp2 for s2, _, lp2 in scored if s2.node in site.ancestors]
-                    if up:
-                        bt = bt * _box(_sum(up))
-                    if anc:
-                        bt = bt * torch.exp(_sum(anc))
-                    if has_rest:
-                        extra = bt if extra is None else extra + bt
-                    else:
-                        term = term + bt
+        k = c.dim() - op.fn.rank
+        parts = _parts(ex, op, c)
+        extra = None
+        if parts.scored:
+            signals = _add_baselines(ex, op, c, parts, state, keep, updates)
+            term, extra = _scored_term(c, parts, signals, first_order)
         else:
             term = c
-        if weights is not None:
-            term = term * torch.exp(weights)
-        term = reduce(term, k, op.sites)
+        if parts.enumerated:
+            term = term * torch.exp(_sum([w for _, w in parts.enumerated]))
+        view = CostView(op.node, op.lineno, frozenset(op.sites), op.plates, sizes, first_order)
+        term = _reduce(term, k, ex, view, stop, averaging)
         if extra is not None:
-            term = term + reduce(extra, k, op.sites)
+            term = term + _reduce(extra, k, ex, view, stop, averaging)
         total = term if total is None else total + term
     for est, signal, dim, st in updates:
         est.update(signal, dim, st)

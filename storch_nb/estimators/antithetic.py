@@ -32,6 +32,7 @@ from .base import Estimator, first_order, plate_select, register_estimator, site
 
 class _Antithetic(Estimator):
     plated = True
+    joint_variants = True
     higher_order = False  # first-order surrogate: second derivatives are refused
 
     def fits(self, dist: Distribution) -> str | None:

@@ -68,6 +68,11 @@ class Estimator:
     #: (a plate of "variants": antithetic pairs, relaxations, ...) and reduces
     #: that plate itself with :meth:`reduce_plate`
     plated: ClassVar[bool] = False
+    #: every variant along the estimator's plate is a joint draw of all the site's
+    #: entries (ARM's pair, REBAR's relaxations), not a change of one entry or one
+    #: outcome at a time: a site inside a data plate can then be credited with a
+    #: cost outside the plate that mixes datapoints (see ``engine/plates.py``)
+    joint_variants: ClassVar[bool] = False
     #: ``Story.surrogate`` differentiated twice gives unbiased second derivatives;
     #: where False the engine makes a second differentiation raise instead of
     #: returning a silently wrong Hessian
@@ -130,10 +135,12 @@ class Estimator:
     def _refuse(self, reason: str | None, cls: type, site: str) -> None:
         if reason is not None:
             fit = suggest(cls)
-            raise EstimatorError(
+            err = EstimatorError(
                 f"estimator `{self.name}` does not fit site `{site}` ({cls.__name__}): {reason}",
                 hint=f"use {fit} for this site, e.g. `{site.split('[')[0]} ~ {cls.__name__}(...) using {fit.split(' or ')[0]}`",
             )
+            err.unfit = (site, cls.__name__, reason)  # type: ignore[attr-defined]
+            raise err
 
     # ------------------------------------------------------------- drawing
     def draw(self, dist: Distribution, sample_shape: torch.Size | tuple[int, ...]) -> torch.Tensor:

@@ -124,6 +124,7 @@ class _Learned(Estimator):
 
 class _Relaxed(_Learned):
     plated = True
+    joint_variants = True
     higher_order = False  # first-order surrogate: second derivatives are refused
     trainable = True
     cv_second_order = True
@@ -338,6 +339,7 @@ class LAX(_Learned):
     """
 
     plated = True
+    joint_variants = True
     trainable = True
     options = {"lr": 0.05}
 

@@ -68,7 +68,8 @@ import ipywidgets as widgets
 from ..errors import StoryError
 from ..estimators import estimators as registered_estimators
 from ..estimators import make_estimator
-from ..story.statements import Loop, Site
+from ..story.statements import Site
+from ..story.walk import walk
 from . import plots
 from .display import comparison_html
 
@@ -88,17 +89,12 @@ def _site_targets(statements: Sequence[Any]) -> tuple[list[str], dict[str, str]]
     """The site variables without ``using`` (in order) and those with it (-> text)."""
     free: list[str] = []
     fixed: dict[str, str] = {}
-    for st in statements:
+    for st in walk(statements):
         if isinstance(st, Site):
             if st.using:
                 fixed.setdefault(st.target, st.using)
             elif st.target not in free:
                 free.append(st.target)
-        elif isinstance(st, Loop):
-            f, x = _site_targets(st.body)
-            free.extend(t for t in f if t not in free)
-            for k, v in x.items():
-                fixed.setdefault(k, v)
     return [t for t in free if t not in fixed], fixed
 
 

@@ -17,7 +17,7 @@ import tokenize
 from functools import lru_cache
 
 from ..errors import StorySyntaxError
-from .statements import Assign, Cost, Expr, Loop, Param, Program, Site, Statement
+from .statements import Assign, Cost, Expr, Loop, Param, Plate, Program, Site, Statement
 
 __all__ = ["parse"]
 
@@ -25,8 +25,9 @@ _SITE = "__storch_site__"
 _COST = "__storch_cost__"
 _FORMS = (
     "a story line is one of: `x = EXPR`, `x ~ DIST(ARGS)`, `x ~ DIST(ARGS) using EST`, "
-    "`x = param(VALUE)`, `cost EXPR`, or `for i in range(K):` with an indented block"
+    "`x = param(VALUE)`, `cost EXPR`, `for i in range(K):` or `for x_i in plate(x):` with an indented block"
 )
+_PLATE_HINT = "write `for x_i in plate(x):` or `for x_i, y_i in plate(x, y, batch=32):` with an indented block"
 
 
 @lru_cache(maxsize=512)
@@ -271,6 +272,7 @@ class _Walker:
         self.edits = edits
         self.usings = usings
         self.has_cost = False
+        self.loops = 0  # `for range` loops open around the statement being read
 
     def error(self, message: str, node: ast.AST, hint: str | None = _FORMS) -> StorySyntaxError:
         row = getattr(node, "lineno", None)
@@ -344,7 +346,7 @@ class _Walker:
                     hint="write one step per line, e.g. `x = a + b`",
                 )
             target = targets[0].id
-            if target in ("param", "cost", "range", _SITE, _COST):
+            if target in ("param", "cost", "range", "plate", _SITE, _COST):
                 raise self.error(f"`{target}` is a reserved word of the story language", targets[0], hint="pick another name")
             value = node.value
             if value is None:
@@ -362,6 +364,8 @@ class _Walker:
             return Assign(lineno=row, line=line, target=target, expr=self.expr(value))
         if isinstance(node, ast.For):
             it = node.iter
+            if isinstance(it, ast.Call) and isinstance(it.func, ast.Name) and it.func.id == "plate":
+                return self.plate(node, row, line)
             if not isinstance(node.target, ast.Name):
                 raise self.error("a loop variable is one name", node.target, hint="write `for i in range(K):`")
             if not (
@@ -374,7 +378,11 @@ class _Walker:
                 raise self.error("a story loop runs over `range(...)`", it, hint="write `for i in range(K):`")
             if node.orelse:
                 raise self.error("a story loop has no `else` block", node.orelse[0])
-            body = self.block(node.body)
+            self.loops += 1
+            try:
+                body = self.block(node.body)
+            finally:
+                self.loops -= 1
             return Loop(
                 lineno=row,
                 line=line,
@@ -383,6 +391,71 @@ class _Walker:
                 body=tuple(body),
             )
         raise self.error(f"`{type(node).__name__.lower()}` statements are not part of the story language", node)
+
+    def plate(self, node: ast.For, row: int, line: str) -> Plate:
+        """``for x_i, y_i in plate(x, y, batch=B, reduce="mean"):`` and its block."""
+        call = node.iter
+        assert isinstance(call, ast.Call)
+        if self.loops:
+            raise self.error(
+                "a plate cannot be inside a `for range` loop",
+                node,
+                hint="put the loop inside the plate: `for x_i in plate(x):` then, indented, `for t in range(T):`",
+            )
+        tgt = node.target
+        names = tgt.elts if isinstance(tgt, ast.Tuple) else [tgt]
+        if not names or not all(isinstance(n, ast.Name) for n in names):
+            raise self.error("a plate binds one name per tensor it runs over", tgt, hint=_PLATE_HINT)
+        targets = tuple(n.id for n in names)  # type: ignore[attr-defined]
+        for n, t in zip(names, targets):
+            if t in ("param", "cost", "range", "plate", _SITE, _COST):
+                raise self.error(f"`{t}` is a reserved word of the story language", n, hint="pick another name")
+        if len(set(targets)) != len(targets):
+            raise self.error("a plate binds each name once", tgt, hint=_PLATE_HINT)
+        if not call.args:
+            raise self.error("`plate` needs the data to run over", call, hint=_PLATE_HINT)
+        for a in call.args:
+            if isinstance(a, ast.Starred):
+                raise self.error("`*args` is not supported in a plate", a, hint="name each tensor")
+        if len(call.args) != len(targets):
+            raise self.error(
+                f"the plate runs over {len(call.args)} tensor{'s' * (len(call.args) != 1)} "
+                f"but binds {len(targets)} name{'s' * (len(targets) != 1)}",
+                tgt,
+                hint="bind one name per tensor: `for x_i, y_i in plate(x, y):`",
+            )
+        batch, reduce = None, "mean"
+        for kw in call.keywords:
+            if kw.arg == "batch":
+                batch = self.expr(kw.value)
+            elif kw.arg == "reduce":
+                if not (isinstance(kw.value, ast.Constant) and kw.value.value in ("mean", "sum")):
+                    raise self.error(
+                        "a plate's `reduce` is \"mean\" or \"sum\"",
+                        kw.value,
+                        hint='`reduce="mean"` averages the costs inside over the datapoints (the default), '
+                        '`reduce="sum"` adds them (a log-likelihood over a data set)',
+                    )
+                reduce = kw.value.value
+            else:
+                raise self.error(
+                    f"`plate` has no option {kw.arg!r}" if kw.arg else "`**kwargs` is not supported in a plate",
+                    kw.value,
+                    hint="its options are batch=B (datapoints drawn per run) and reduce=\"mean\"|\"sum\"",
+                )
+        if node.orelse:
+            raise self.error("a plate has no `else` block", node.orelse[0])
+        body = self.block(node.body)
+        return Plate(
+            lineno=row,
+            line=line,
+            targets=targets,
+            args=tuple(self.expr(a) for a in call.args),
+            batch=batch,
+            reduce=reduce,
+            body=tuple(body),
+            col=_map_col(self.edits, row, call.col_offset),
+        )
 
     def site(self, target: str, dist: ast.expr, row: int, line: str) -> Site:
         using = self.usings.get(row)

@@ -80,6 +80,24 @@ class Loop(Statement):
 
 
 @dataclass(frozen=True)
+class Plate(Statement):
+    """``for x_i, y_i in plate(x, y[, batch=B][, reduce="mean"|"sum"]):`` and its block.
+
+    The block is written for ONE datapoint: ``x_i`` is one entry of ``x`` along
+    its first dimension. ``batch`` (an expression known before the run) draws
+    that many datapoints per run; ``reduce`` says how the costs inside are
+    combined over the datapoints (``"mean"`` or ``"sum"``).
+    """
+
+    targets: tuple[str, ...]
+    args: tuple[Expr, ...]
+    batch: Expr | None = None
+    reduce: str = "mean"
+    body: tuple[Statement, ...] = field(default_factory=tuple)
+    col: int = 0  # column of ``plate`` on the line (for carets)
+
+
+@dataclass(frozen=True)
 class Program:
     """A parsed story: its statements and its source lines."""
 

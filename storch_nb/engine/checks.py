@@ -1,0 +1,167 @@
+"""Checks a pass makes on what the story computes: distribution arguments
+against their constraints (on every pass, so that training that drives a
+scale negative stops at that step), and randomness drawn outside ``~``.
+
+``torch.distributions``' own ``validate_args`` is left off: it would also
+check every sample against the support on each ``log_prob`` (about 10% of a
+small story's time), and its message prints the whole offending tensor. Here
+one line names the argument, the constraint and one offending value, and
+arguments that are cached Python numbers are checked once.
+"""
+
+from __future__ import annotations
+
+import ast
+from typing import Any
+
+import torch
+from torch.distributions import Distribution, constraints
+
+from ..errors import StoryError
+
+__all__ = ["check_arguments", "describe", "random_call"]
+
+# constraints that only say "a number" (NaN is reported by the finiteness check of the result)
+_TRIVIAL = (constraints.real, constraints.real_vector)
+
+
+def describe(c: Any) -> str:
+    """A constraint in words."""
+    if c is constraints.positive:
+        return "positive"
+    if c is constraints.nonnegative:
+        return "non-negative"
+    if c is constraints.unit_interval:
+        return "in [0, 1]"
+    if c is constraints.simplex:
+        return "a probability vector (non-negative entries summing to 1)"
+    if c is constraints.positive_definite:
+        return "a positive definite matrix"
+    if c is constraints.lower_cholesky:
+        return "a lower-triangular matrix with a positive diagonal"
+    if c is constraints.nonnegative_integer:
+        return "a non-negative integer"
+    if c is constraints.boolean:
+        return "0 or 1"
+    name = type(c).__name__.lstrip("_")
+    lb, ub = getattr(c, "lower_bound", None), getattr(c, "upper_bound", None)
+    if name == "GreaterThan":
+        return f"greater than {lb:g}" if isinstance(lb, (int, float)) else repr(c)
+    if name == "GreaterThanEq":
+        return f"at least {lb:g}" if isinstance(lb, (int, float)) else repr(c)
+    if name == "LessThan":
+        return f"less than {ub:g}" if isinstance(ub, (int, float)) else repr(c)
+    if name in ("Interval", "HalfOpenInterval", "IntegerInterval") and isinstance(lb, (int, float)):
+        close = "]" if name != "HalfOpenInterval" else ")"
+        return f"in [{lb:g}, {ub:g}{close}"
+    if name == "IndependentConstraint":
+        return describe(c.base_constraint)
+    return repr(c)
+
+
+def _trivial(c: Any) -> bool:
+    while type(c).__name__ == "_IndependentConstraint":
+        c = c.base_constraint
+    return c is constraints.real or c in _TRIVIAL
+
+
+def check_arguments(dist: Distribution, skip: frozenset[str] | set[str] = frozenset()) -> None:
+    """Raise a StoryError naming the first parameter of ``dist`` that breaks its
+    constraint, as ``validate_args`` would check it (the parameters the
+    distribution holds, after its own normalisation), except those in ``skip``
+    (given as Python numbers and checked on an earlier pass)."""
+    cons = type(dist).arg_constraints
+    if not isinstance(cons, dict):
+        return
+    held = dist.__dict__
+    for name, c in cons.items():
+        if name not in held or name in skip or constraints.is_dependent(c) or _trivial(c):
+            continue
+        value = held[name]
+        if not isinstance(value, torch.Tensor):
+            continue
+        try:
+            ok = c.check(value)
+        except (RuntimeError, TypeError, ValueError, IndexError):
+            continue  # a shape torch itself complains about
+        if bool(ok.all()):
+            continue
+        err = StoryError(
+            f"{type(dist).__name__}'s argument `{name}` must be {describe(c)}, but is {_offending(value, ok)}",
+            hint=f"keep `{name}` {describe(c)}: e.g. softplus(...) or exp(...) for a positive scale, "
+            "sigmoid(...) for a probability",
+        )
+        err.argument = name  # type: ignore[attr-defined]  (the caller puts the caret under it)
+        raise err
+
+
+def _offending(value: torch.Tensor, ok: torch.Tensor) -> str:
+    """One offending value of ``value`` (and how many more), as text."""
+    bad = value.detach()
+    if ok.dim() < bad.dim():  # an event constraint (simplex): one flag per vector
+        rows = bad.reshape(-1, *bad.shape[ok.dim():])[~ok.reshape(-1)]
+        vec = rows[0].flatten()
+        text = "[" + ", ".join(f"{float(v):.4g}" for v in vec[:6]) + (", ..." if vec.numel() > 6 else "") + "]"
+        n_bad, n_all = int((~ok).sum()), ok.numel()
+    else:
+        flags = (~ok).reshape(-1)
+        first = int(flags.nonzero()[0])
+        text = f"{float(bad.reshape(-1)[first]):.4g}"
+        n_bad, n_all = int(flags.sum()), flags.numel()
+    if n_all > 1:
+        text += f" ({n_bad} of its {n_all} entries)" if n_bad > 1 else f" (one of its {n_all} entries)"
+    return text
+
+
+# torch functions and tensor methods that draw random numbers
+_RNG_FUNCTIONS = ("rand", "randn", "randint", "rand_like", "randn_like", "randint_like", "randperm", "bernoulli",
+                  "multinomial", "normal", "poisson", "binomial", "gumbel_softmax", "dropout", "rrelu")
+_RNG_METHODS = ("uniform_", "normal_", "bernoulli_", "exponential_", "geometric_", "cauchy_", "log_normal_",
+                "random_", "sample", "rsample", "sample_n", "bernoulli", "multinomial")
+
+
+def _rng_objects() -> set[int]:
+    out = set()
+    for mod in (torch, torch.nn.functional):
+        for name in _RNG_FUNCTIONS:
+            f = getattr(mod, name, None)
+            if f is not None:
+                out.add(id(f))
+    return out
+
+
+_RNG_IDS: set[int] | None = None
+
+
+def random_call(node: ast.AST, resolve) -> str | None:
+    """The text of a call in ``node`` that draws random numbers (``torch.randn(...)``,
+    ``x.uniform_()``, ``d.sample()``), or None. ``resolve(name)`` gives what a free
+    name stands for (None for story values)."""
+    global _RNG_IDS
+    if _RNG_IDS is None:
+        _RNG_IDS = _rng_objects()
+    for sub in ast.walk(node):
+        if not isinstance(sub, ast.Call):
+            continue
+        f = sub.func
+        if isinstance(f, ast.Name):
+            obj = resolve(f.id)
+            if obj is not None and id(obj) in _RNG_IDS:
+                return f.id
+        elif isinstance(f, ast.Attribute):
+            if f.attr in _RNG_METHODS and not (isinstance(f.value, ast.Name) and resolve(f.value.id) is torch):
+                return f".{f.attr}"
+            if isinstance(f.value, (ast.Name, ast.Attribute)):
+                owner = _dotted(f.value, resolve)
+                if owner is not None and id(getattr(owner, f.attr, None)) in _RNG_IDS:
+                    return f"{ast.unparse(f.value)}.{f.attr}"
+    return None
+
+
+def _dotted(node: ast.AST, resolve) -> Any:
+    if isinstance(node, ast.Name):
+        return resolve(node.id)
+    if isinstance(node, ast.Attribute):
+        base = _dotted(node.value, resolve)
+        return None if base is None else getattr(base, node.attr, None)
+    return None
