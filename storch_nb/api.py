@@ -436,7 +436,7 @@ class Story:
                       samples=samples, runs=runs, device=first.device, seconds=time.perf_counter() - t0,
                       dtype=dt, stderr=err, cost_stderr=cost_se, costs=costs)
 
-    def _train_control_variates(self, trainable, gs):
+    def _train_control_variates(self, trainable, gs, retain: bool = False):
         """One variance-minimising step for the estimators' control variates
         (RELAX, REBAR): the gradient of sum(g^2) is that of the variance of g,
         because E[g] does not depend on them. Returns the gradients, detached."""
@@ -451,7 +451,8 @@ class Story:
             # estimators that fit part of their control variate by least squares
             # differentiate these gradients once more (the proxy's Hessian)
             second = any(est.cv_second_order for est, _, k in owners if k)
-            cv_grads = torch.autograd.grad(proxy, cv_params, allow_unused=True, create_graph=second)
+            cv_grads = torch.autograd.grad(proxy, cv_params, allow_unused=True, create_graph=second,
+                                           retain_graph=second or retain)
             i, prepared = 0, []
             for est, st, k in owners:  # every estimator reads the graph before any changes its parameters
                 prepared.append(est.cv_prepare(st, list(cv_grads[i : i + k])))
@@ -477,9 +478,15 @@ class Story:
         per_run: list[list[torch.Tensor]] = []
         costs = []
         ex = None
+        trains_cv = _learns_cv(default, per_site)
         for _ in range(runs * batches):
             total, _, ex = self._pass(plan, leaves, samples // batches, 1, dev, dt, max_outcomes)
-            gs = torch.autograd.grad(total, inputs, allow_unused=True) if total.requires_grad else [None] * len(inputs)
+            gs = torch.autograd.grad(total, inputs, allow_unused=True, create_graph=trains_cv) if total.requires_grad \
+                else [None] * len(inputs)
+            if trains_cv:  # learned control variates fit after each pass, as in a plain run
+                trainable = [(node, est) for node, (_, est, _) in ex.sites.items() if est.trainable]
+                gs = self._train_control_variates(trainable, gs) if trainable else [
+                    None if g is None else g.detach() for g in gs]
             per_run.append([torch.zeros_like(x) if g is None else g for g, x in zip(gs, inputs)])
             costs.append(total.detach())
         grads = {n: torch.stack([r[i] for r in per_run]) for i, n in enumerate(names)}
@@ -519,8 +526,23 @@ class Story:
         with Seeded(seed, dev):
             plan = self._plan(ns, default, per_site, False, False, dev, dt)
             leaves = self._leaves(plan, ns, dev, dt)
-            total, _, _ = self._pass(plan, leaves, samples, 1, dev, dt)
+            total, used, ex = self._pass(plan, leaves, samples, 1, dev, dt)
+            self._fit_control_variates(ex, plan, used, total)
         return total
+
+    def _fit_control_variates(self, ex, plan: Plan, used: dict[str, torch.Tensor], total: torch.Tensor) -> None:
+        """One fit of the learned control variates (RELAX, REBAR, LAX) on this estimate's
+        gradients; the estimate itself keeps the coefficients it was made with."""
+        trainable = [(node, est) for node, (_, est, _) in ex.sites.items() if est.trainable]
+        inputs = list(used.values()) + [p for _, p in _module_params(plan)]
+        if not trainable or not inputs or not total.requires_grad:
+            return
+        ex.guard.fitting = True
+        try:
+            gs = torch.autograd.grad(total.sum(), inputs, allow_unused=True, create_graph=True, retain_graph=True)
+            self._train_control_variates(trainable, gs, retain=True)  # the caller still differentiates total
+        finally:
+            ex.guard.fitting = False
 
     def exact(self, namespace: Mapping[str, Any] | None = None, max_outcomes: int = 10**6,
               device: str | torch.device | None = "cpu", dtype: torch.dtype | str | None = None) -> Result:
@@ -573,9 +595,18 @@ class Story:
         namespace: Mapping[str, Any] | None = None,
         device: str | torch.device | None = "cpu",
         dtype: torch.dtype | str | None = None,
+        fit_steps: int = 10,
     ) -> Comparison:
         """Run each estimator ``runs`` times and tabulate mean, std, variance,
-        bias (against ``exact()`` where the story is enumerable) and time."""
+        bias (against ``exact()`` where the story is enumerable) and time.
+
+        Each estimator starts from fresh state. One that learns a control
+        variate (``relax``, ``rebar``, ``lax``) first fits it on ``fit_steps``
+        calls of ``samples`` samples and up to 100 runs, drawn with other
+        seeds, so the table measures the fitted estimator (``fit_steps=0``: as
+        it starts); it stays unbiased, since the measured draws are new."""
+        if isinstance(fit_steps, bool) or not isinstance(fit_steps, int) or fit_steps < 0:
+            raise StoryError(f"fit_steps must be a non-negative int, not {fit_steps!r}", hint="e.g. fit_steps=10")
         if isinstance(estimators, str):
             estimators = [e.strip() for e in estimators.split(",") if e.strip()]
         if not estimators:
@@ -588,6 +619,10 @@ class Story:
         table: list[dict] = []
         for est in estimators:
             self.reset_state()
+            if fit_steps and _learns_cv(*self._estimator_spec(est)):
+                for i in range(fit_steps):
+                    self.run(samples=samples, estimator=est, seed=None if seed is None else seed + 1 + i, device=device,
+                             runs=min(runs, 100), namespace=namespace, dtype=dtype)
             res = self.run(samples=samples, estimator=est, seed=seed, device=device, runs=runs, namespace=namespace, dtype=dtype)
             results[est] = res
             for name, g in res.grads.items():
@@ -616,7 +651,7 @@ class Story:
         steps: int = 500,
         lr: float = 0.05,
         estimator: str | Mapping[str, str] | None = "auto",
-        optimizer: str = "adam",
+        optimizer: str | type | torch.optim.Optimizer = "adam",
         samples: int = 100,
         seed: int | None = None,
         namespace: Mapping[str, Any] | None = None,

@@ -88,11 +88,22 @@ def check_arguments(dist: Distribution, skip: frozenset[str] | set[str] = frozen
             continue
         err = StoryError(
             f"{type(dist).__name__}'s argument `{name}` must be {describe(c)}, but is {_offending(value, ok)}",
-            hint=f"keep `{name}` {describe(c)}: e.g. softplus(...) or exp(...) for a positive scale, "
-            "sigmoid(...) for a probability",
+            hint=_hint(name, c),
         )
         err.argument = name  # type: ignore[attr-defined]  (the caller puts the caret under it)
         raise err
+
+
+def _hint(name: str, c: Any) -> str:
+    while type(c).__name__ == "_IndependentConstraint":
+        c = c.base_constraint
+    if c is constraints.simplex:
+        return f"make `{name}` with softmax(...), or pass logits= instead"
+    if c is constraints.unit_interval:
+        return f"make `{name}` with sigmoid(...), or pass logits= instead"
+    if c is constraints.positive or type(c).__name__.lstrip("_") in ("GreaterThan", "GreaterThanEq"):
+        return f"keep `{name}` {describe(c)}, e.g. with softplus(...) or exp(...) of the quantity you train"
+    return f"keep `{name}` {describe(c)}"
 
 
 def _offending(value: torch.Tensor, ok: torch.Tensor) -> str:

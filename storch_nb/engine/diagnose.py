@@ -75,7 +75,9 @@ def check_finite(cost: float, grads: dict[str, torch.Tensor], ex, grads_ok: bool
     ``grads_ok``: whether the gradients are finite, where already known."""
     if math.isfinite(cost) and (grads_finite(grads) if grads_ok is None else grads_ok):
         return
-    raise locate(ex, grads, math.isfinite(cost))
+    err = locate(ex, grads, math.isfinite(cost))
+    err.nonfinite = True  # type: ignore[attr-defined]  (training stops with a warning instead)
+    raise err
 
 
 def locate(ex, grads: dict[str, torch.Tensor], cost_ok: bool) -> StoryError:

@@ -7,6 +7,7 @@ from torch.distributions import Distribution
 
 from ..errors import EstimatorError, StoryError, StoryNameError
 from ..estimators import Estimator, auto_estimator
+from ..estimators.base import Guard
 from .devices import on_device, placed_like, same_device
 from .plan import Plan, SiteOp
 from .plates import AVERAGE, ENUMERATED, Plate, Variants
@@ -16,7 +17,7 @@ class Execution:
     """The state of one pass: the values, the batch sizes and what each site and cost left."""
 
     __slots__ = ("env", "sizes", "plates", "sites", "costs", "validate", "dtype", "device", "plan", "max_outcomes",
-                 "_auto", "state")
+                 "_auto", "state", "guard")
 
     def __init__(self, plan: Plan, env: dict, sizes: list[int], dtype, device, validate: bool, max_outcomes: int = 10**6,
                  state: dict | None = None):
@@ -32,6 +33,7 @@ class Execution:
         self.device = device
         self.max_outcomes = max_outcomes
         self._auto: dict = {}
+        self.guard = Guard()  # first-order-only parts of this pass's surrogate (see estimators.base)
 
     def auto(self, op: SiteOp, dist: Distribution) -> Estimator:
         particles = self.sizes[op.sample_dim]

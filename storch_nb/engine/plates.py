@@ -46,7 +46,7 @@ from typing import Any, ClassVar
 import torch
 
 from ..errors import EstimatorError
-from ..estimators.base import first_order, first_order_only
+from ..estimators.base import Guard, first_order, first_order_only
 
 __all__ = ["Plate", "Average", "Enumerated", "Data", "Variants", "CostView", "AVERAGE", "ENUMERATED", "outside_error"]
 
@@ -61,6 +61,7 @@ class CostView:
     plates: frozenset[int]  # the data plates the cost is inside
     sizes: tuple[int, ...]  # the pass's batch sizes
     first_order: bool  # only first derivatives are taken (Story.run)
+    guard: Guard | None = None  # lets the engine's control-variate fit differentiate twice
 
 
 class Plate:
@@ -129,9 +130,9 @@ class Variants(Plate):
                 own = est.reduce_plate(term.detach(), dim, self.aux)
                 out = out + (factor - 1) * first_order(own)
                 if est.higher_order and not cost.first_order:
-                    out = first_order_only(out, est.name)
+                    out = first_order_only(out, est.name, cost.guard)
         if not cost.first_order and not est.higher_order:
-            out = first_order_only(out, est.name)
+            out = first_order_only(out, est.name, cost.guard)
         return out
 
 

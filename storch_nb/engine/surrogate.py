@@ -193,7 +193,7 @@ def build(ex: Execution, state: dict, keep: int, stop: int | None = None, first_
             term = c
         if parts.enumerated:
             term = term * torch.exp(_sum([w for _, w in parts.enumerated]))
-        view = CostView(op.node, op.lineno, frozenset(op.sites), op.plates, sizes, first_order)
+        view = CostView(op.node, op.lineno, frozenset(op.sites), op.plates, sizes, first_order, ex.guard)
         term = _reduce(term, k, ex, view, stop, averaging)
         if extra is not None:
             term = term + _reduce(extra, k, ex, view, stop, averaging)

@@ -137,8 +137,15 @@ def _make_optimizer(optimizer: Any, params: list[torch.Tensor], lr: float) -> tu
         return cls(params, lr=lr), optimizer.strip().lower()
     if isinstance(optimizer, type) and issubclass(optimizer, torch.optim.Optimizer):
         return optimizer(params, lr=lr), optimizer.__name__
+    if isinstance(optimizer, torch.optim.Optimizer):
+        # the user's instance, its state carried over; tensors it does not hold yet join as a new group
+        held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        missing = [p for p in params if id(p) not in held]
+        if missing:
+            optimizer.add_param_group({"params": missing})
+        return optimizer, type(optimizer).__name__.lower()
     raise StoryError(
-        f"optimizer must be a name or a torch.optim.Optimizer class, not {type(optimizer).__name__}",
+        f"optimizer must be a name, a torch.optim.Optimizer class or instance, not {type(optimizer).__name__}",
         hint=f"use one of {', '.join(OPTIMIZERS)}",
     )
 
@@ -175,7 +182,7 @@ def train(
     steps: int = 500,
     lr: float = 0.05,
     estimator: str | Mapping[str, str] | None = "auto",
-    optimizer: str | type = "adam",
+    optimizer: str | type | torch.optim.Optimizer = "adam",
     samples: int = 100,
     seed: int | None = None,
     namespace: Mapping[str, Any] | None = None,
@@ -192,7 +199,11 @@ def train(
     lr : learning rate.
     estimator : as for ``Story.run`` (text, or a mapping site -> text).
     optimizer : ``"adam"`` (default), ``"sgd"``, ``"adamw"``, ``"rmsprop"``,
-        ``"adagrad"``, or a ``torch.optim.Optimizer`` subclass.
+        ``"adagrad"``, a ``torch.optim.Optimizer`` subclass, or an optimizer
+        instance: it is used as it is (its own learning rate; ``lr`` is
+        ignored), so its state (Adam's moments) carries over from one call of
+        ``train`` to the next; trained tensors it does not hold yet are added
+        as a new parameter group.
     samples : Monte Carlo samples per step.
     seed : makes the run reproducible; torch's global generator state is
         restored afterwards. None draws from torch's global generator.
@@ -212,7 +223,7 @@ def train(
     if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
         raise StoryError(f"samples must be a positive int, not {samples!r}")
     ns = namespace if namespace is not None else {}
-    opt_name = optimizer if isinstance(optimizer, str) else getattr(optimizer, "__name__", str(optimizer))
+    opt_name = optimizer if isinstance(optimizer, str) else getattr(optimizer, "__name__", type(optimizer).__name__)
     hist = History(estimator=_estimator_text(estimator), optimizer=str(opt_name).lower(), lr=float(lr), samples=samples)
     t0 = time.perf_counter()
     saved: dict[str, tuple] = {}
@@ -242,7 +253,9 @@ def _train_steps(story, steps, estimator, optimizer, lr, samples, seed, ns, devi
             try:
                 res = story.run(samples=samples, estimator=estimator, seed=None, namespace=ns, device=device, dtype=dtype)
             except StoryError as exc:
-                if "NaN or infinite" not in exc.message:
+                if not getattr(exc, "nonfinite", False):
+                    exc.message = f"at training step {step}: {exc.message}"
+                    exc.step = step  # type: ignore[attr-defined]
                     raise
                 res = None
             if opt is None:
@@ -254,6 +267,7 @@ def _train_steps(story, steps, estimator, optimizer, lr, samples, seed, ns, devi
                     )
                 saved.update({n: (p, p.detach().clone(), p.grad) for n, p in params.items()})
                 opt, hist.optimizer = _make_optimizer(optimizer, list(params.values()), float(lr))
+                hist.lr = float(opt.param_groups[0].get("lr", lr))
                 hist.trace = {n: [] for n, p in params.items() if p.numel() == 1}
             value = math.nan if res is None else res.cost
             for n in hist.trace:

@@ -233,28 +233,42 @@ def first_order(x: torch.Tensor) -> torch.Tensor:
     return x - x.detach()
 
 
+class Guard:
+    """Whether a surrogate's first-order-only parts may be differentiated with
+    ``create_graph=True`` right now: only while the engine fits learned control
+    variates on that surrogate's gradients (one guard per pass, so a fit in one
+    thread lets no other surrogate through)."""
+
+    __slots__ = ("fitting",)
+
+    def __init__(self) -> None:
+        self.fitting = False
+
+
 class _FirstOrderOnly(torch.autograd.Function):
     """Identity whose backward refuses to be differentiated again."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, name: str) -> torch.Tensor:
-        ctx.name = name
+    def forward(ctx, x: torch.Tensor, name: str, guard: Guard | None) -> torch.Tensor:
+        ctx.name, ctx.guard = name, guard
         return x.clone()
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        if torch.is_grad_enabled():  # create_graph=True: someone wants higher derivatives
+        # create_graph=True: someone wants higher derivatives (the engine's own control-variate fit excepted)
+        if torch.is_grad_enabled() and not (ctx.guard is not None and ctx.guard.fitting):
             raise EstimatorError(
                 f"estimator `{ctx.name}` gives first derivatives only: its surrogate cannot be differentiated twice",
                 hint="for second derivatives use score (any baseline), rloo, enumerate, unordered_set, "
                 "score_wor, indecater, measure_valued, lax, or pathwise where torch's rsample is twice differentiable",
             )
-        return grad, None
+        return grad, None, None
 
 
-def first_order_only(x: torch.Tensor, name: str) -> torch.Tensor:
-    """``x`` itself; differentiating it twice raises an :class:`EstimatorError`."""
-    return _FirstOrderOnly.apply(x, name)
+def first_order_only(x: torch.Tensor, name: str, guard: Guard | None = None) -> torch.Tensor:
+    """``x`` itself; differentiating it twice raises an :class:`EstimatorError`
+    (except while ``guard.fitting``)."""
+    return _FirstOrderOnly.apply(x, name, guard)
 
 
 def register_estimator(name: str, *aliases: str) -> Callable[[type[Estimator]], type[Estimator]]:

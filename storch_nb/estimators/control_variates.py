@@ -261,16 +261,19 @@ class _Relaxed(_Learned):
         soft, soft_cond = torch.sigmoid(z / temp), torch.sigmoid(z_cond / temp)
         value = torch.cat([b, soft, soft_cond], dim=dim)
         log_p = dist.log_prob(b)
-        return value, {"theta": theta, "log_p": log_p, "z": z, "z_cond": z_cond, "cv": cv, "state": state}
+        # the estimate reads a copy of the coefficients: a fit after it (even before the surrogate's
+        # backward, as Story.surrogate does) changes them in place without touching what autograd saved
+        return value, {"theta": theta, "log_p": log_p, "z": z, "z_cond": z_cond, "lin": cv["lin"].clone(),
+                       "state": state}
 
     def r(self, aux: dict, z: torch.Tensor, dim: int) -> torch.Tensor | None:
         return None
 
     def reduce_plate(self, term: torch.Tensor, dim: int, aux: Any) -> torch.Tensor:
-        state, cv = aux["state"], aux["cv"]
+        state, lin = aux["state"], aux["lin"]
         f = plate_select(term, dim, 0)
         c_z, c_cond = plate_select(term, dim, 1), plate_select(term, dim, 2)
-        eta = cv["lin"][0]
+        eta = lin[0]
         c_z, c_cond = eta * c_z, eta * c_cond
         r_z, r_cond = self.r(aux, aux["z"], dim), self.r(aux, aux["z_cond"], dim)
         if r_z is not None:
@@ -282,7 +285,7 @@ class _Relaxed(_Learned):
             # a fitted multiple of the mean cost of the other samples (independent of this one)
             n = signal.shape[sd]
             fd = f.detach()
-            signal = signal - cv["lin"][-1] * (fd.sum(sd, keepdim=True) - fd) / (n - 1)
+            signal = signal - lin[-1] * (fd.sum(sd, keepdim=True) - fd) / (n - 1)
         return f + signal * first_order(log_p) + first_order(c_z - c_cond)
 
 
@@ -301,7 +304,7 @@ class RELAX(_Relaxed):
     options = {**_Relaxed.options, "eta": 0.0}
 
     def r(self, aux: dict, z: torch.Tensor, dim: int) -> torch.Tensor:
-        rho = aux["cv"]["lin"][1:4]
+        rho = aux["lin"][1:4]
         s = torch.sigmoid(z)
         val = rho[0] + rho[1] * s + rho[2] * s * s
         return site_sum(val, dim)
@@ -373,7 +376,8 @@ class LAX(_Learned):
         b = dist.rsample()
         cv = self.params(state, b)
         log_p = dist.log_prob(b.detach())
-        return b.detach(), {"b": b, "log_p": log_p, "phi": cv["phi"], "state": state, "own": b.dim() - dim - 1}
+        # a copy of phi (see _Relaxed.sample_variants): a fit may change phi before the backward pass
+        return b.detach(), {"b": b, "log_p": log_p, "phi": cv["phi"].clone(), "state": state, "own": b.dim() - dim - 1}
 
     @staticmethod
     def control_variate(aux: dict, b: torch.Tensor, dim: int) -> torch.Tensor:
