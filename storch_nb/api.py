@@ -480,7 +480,7 @@ class Story:
         ex = None
         trains_cv = _learns_cv(default, per_site)
         for _ in range(runs * batches):
-            total, _, ex = self._pass(plan, leaves, samples // batches, 1, dev, dt, max_outcomes)
+            total, _, ex = self._pass(plan, leaves, samples // batches, 1, dev, dt, max_outcomes, first_order=True)
             gs = torch.autograd.grad(total, inputs, allow_unused=True, create_graph=trains_cv) if total.requires_grad \
                 else [None] * len(inputs)
             if trains_cv:  # learned control variates fit after each pass, as in a plain run

@@ -863,6 +863,8 @@ class Planner:
                     col=st.batch.col,
                     hint="give the number of datapoints drawn per run, e.g. `plate(x, batch=32)`",
                 )
+        if self.override == "enumerate":
+            batch = None  # exact(): the expectation over the full data, not over one drawn minibatch
         dim = self.base_rank + self.n_plates
         self.n_plates += 1
         saved = {t: self.scope.get(t) for t in st.targets}

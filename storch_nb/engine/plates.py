@@ -57,6 +57,7 @@ class CostView:
 
     node: str  # the cost's graph node
     lineno: int
+    line: str  # the cost's story line (errors point at it)
     sites: frozenset[str]  # the sites upstream of the cost
     plates: frozenset[int]  # the data plates the cost is inside
     sizes: tuple[int, ...]  # the pass's batch sizes
@@ -122,7 +123,7 @@ class Variants(Plate):
         outside = self.site_plates - cost.plates
         if outside:
             if not est.joint_variants:
-                raise outside_error(self.node, est.name, cost.lineno)
+                raise outside_error(self.node, est.name, cost.lineno).located(cost.lineno, cost.line)
             factor = 1
             for d in outside:
                 factor *= cost.sizes[d]

@@ -32,7 +32,7 @@ import torch
 from ..errors import StoryError
 from .devices import placed_like
 from .execute import Execution
-from .plates import CostView, outside_error
+from .plates import CostView, Variants, outside_error
 
 
 def _sum(xs: list) -> torch.Tensor | None:
@@ -77,7 +77,7 @@ def _parts(ex: Execution, op, c: torch.Tensor) -> _Parts:
         outside = site.plates - op.plates
         if est.enumerates:
             if outside:
-                raise outside_error(site.node, est.name, op.lineno)
+                raise outside_error(site.node, est.name, op.lineno).located(op.lineno, op.line)
             parts.enumerated.append((site, joint_log_prob(lp, site.rank, r, k, frozenset())))
         elif est.scored:
             parts.scored.append((site, est, joint_log_prob(lp, site.rank, r, k, outside)))
@@ -93,16 +93,27 @@ def _baseline_state(state: dict, site, op, ex: Execution, keep: int) -> dict:
     return st
 
 
-def _signal(c: torch.Tensor, site, enumerated: list) -> tuple[torch.Tensor, list, bool]:
+def _signal(ex: Execution, op, c: torch.Tensor, site, enumerated: list) -> tuple[torch.Tensor, list, bool]:
     """The site's learning signal: the cost, summed over the enumerated outcomes
-    that do not come before the site (its expectation over them); the enumerated
-    ancestors' weights; whether any outcome was summed."""
+    that do not come before the site (its expectation over them) and reduced over
+    the variants of the plated sites downstream of it (their cost estimate, whose
+    weights may depend on this site's draw: a baseline taken per variant would
+    then not be independent of it); the enumerated ancestors' weights; whether
+    any outcome was summed."""
     anc = [w for u, w in enumerated if u.node in site.ancestors]
     rest = [(u, w) for u, w in enumerated if u.node not in site.ancestors]
     signal = c.detach()
     if rest:
         signal = signal * torch.exp(_sum([w for _, w in rest])).detach()
         signal = signal.sum(tuple(u.plate for u, _ in rest), keepdim=True)
+    k = c.dim() - op.fn.rank
+    for d in range(min(len(ex.plates), op.fn.rank) - 1, -1, -1):
+        plate = ex.plates[d]
+        if (isinstance(plate, Variants) and plate.node in op.sites and signal.shape[d] > 1
+                and site.node in ex.plan.site_ops[plate.node].ancestors):
+            own = signal.mean(tuple(range(signal.dim() - k, signal.dim()))) if k else signal
+            reduced = plate.est.reduce_plate(own, d, plate.aux).detach().unsqueeze(d)
+            signal = reduced.reshape(reduced.shape + (1,) * k)
     return signal, anc, bool(rest)
 
 
@@ -112,7 +123,7 @@ def _add_baselines(ex: Execution, op, c, parts: _Parts, state: dict, keep: int, 
     for site, est, lp in parts.scored:
         st = _baseline_state(state, site, op, ex, keep)
         dim = site.plate if site.plate is not None and est.n is not None else site.sample_dim
-        signal, anc, has_rest = _signal(c, site, parts.enumerated)
+        signal, anc, has_rest = _signal(ex, op, c, site, parts.enumerated)
         try:
             b = est.baseline(signal, dim, st)
         except StoryError as exc:
@@ -193,7 +204,7 @@ def build(ex: Execution, state: dict, keep: int, stop: int | None = None, first_
             term = c
         if parts.enumerated:
             term = term * torch.exp(_sum([w for _, w in parts.enumerated]))
-        view = CostView(op.node, op.lineno, frozenset(op.sites), op.plates, sizes, first_order, ex.guard)
+        view = CostView(op.node, op.lineno, op.line, frozenset(op.sites), op.plates, sizes, first_order, ex.guard)
         term = _reduce(term, k, ex, view, stop, averaging)
         if extra is not None:
             term = term + _reduce(extra, k, ex, view, stop, averaging)

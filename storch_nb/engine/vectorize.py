@@ -7,9 +7,11 @@ shape, the shape the story sees for one draw.
 
 Two ways to evaluate a step:
 
-* elementwise steps (arithmetic and the helpers in ``ELEMENTWISE``) run on
-  the batched tensors directly, after each batched operand is padded so that
-  its own dimensions line up (right-aligned) with everyone else's;
+* elementwise steps (arithmetic, the helpers in ``ELEMENTWISE``, and
+  ``nn.Module``s built only of layers that act on the last dimension, such as
+  an MLP of ``Linear`` and ``Tanh``) run on the batched tensors directly, after
+  each batched operand is padded so that its own dimensions line up
+  (right-aligned) with everyone else's;
 * any other step (reductions, indexing, modules, unknown functions) runs under
   ``torch.func.vmap`` over the flattened batch dimensions.
 """
@@ -20,6 +22,7 @@ import ast
 from dataclasses import dataclass, field
 
 import torch
+from torch import nn
 
 from .helpers import ELEMENTWISE, ELEMENTWISE_METHODS
 
@@ -56,13 +59,32 @@ def is_elementwise(node: ast.AST, resolve) -> bool:
             return False
         f = node.func
         if isinstance(f, ast.Name):
-            return id(resolve(f.id)) in ELEMENTWISE
+            obj = resolve(f.id)
+            if isinstance(obj, nn.Module):
+                return len(node.args) == 1 and not node.keywords and rowwise(obj)
+            return id(obj) in ELEMENTWISE
         if isinstance(f, ast.Attribute):
             if isinstance(f.value, ast.Name) and f.value.id == "torch" and resolve("torch") is torch:
                 return id(getattr(torch, f.attr, None)) in ELEMENTWISE
             # tensor method on an elementwise operand
             return f.attr in ELEMENTWISE_METHODS and is_elementwise(f.value, resolve)
     return False
+
+
+#: module types that act on the last dimension(s) of their input and treat every
+#: leading dimension as a batch: a story calls them on batched values directly
+ROWWISE_MODULES = (
+    nn.Sequential, nn.Linear, nn.Identity, nn.LayerNorm, nn.Tanh, nn.ReLU, nn.Sigmoid, nn.Softplus, nn.ELU,
+    nn.LeakyReLU, nn.GELU, nn.SiLU, nn.LogSigmoid, nn.Hardtanh, nn.ReLU6, nn.Mish, nn.CELU, nn.SELU, nn.Softsign,
+    nn.Tanhshrink,
+)
+
+
+def rowwise(module: nn.Module) -> bool:
+    """Whether ``module`` is built only of :data:`ROWWISE_MODULES` (exact types:
+    a subclass may override ``forward``), so that calling it on a batched value
+    equals calling it once per draw (``vmap``), only faster."""
+    return all(type(m) in ROWWISE_MODULES for m in module.modules())
 
 
 def has_scope(node: ast.AST) -> bool:

@@ -15,7 +15,7 @@ sum_{j<i} p(b_j))``. Let ``S`` be its unordered set,
 so that ``p(s) R(S, s) = P(b_1 = s | S)`` (the weights sum to one).
 
 * ``unordered_set`` (the unordered set estimator and its policy gradient form;
-  option ``k``, default 4)::
+  option ``k``, default 4, or the number of outcomes where that is smaller)::
 
       cost estimate  sum_{s in S} p(s) R(S, s) f(s)
       gradient       sum_{s in S} p(s) R(S, s) grad log p(s) f(s)
@@ -26,7 +26,7 @@ so that ``p(s) R(S, s) = P(b_1 = s | S)`` (the weights sum to one).
   directly. Unbiased; with ``k = K`` it is the exact gradient.
 
 * ``score_wor`` (the unordered set policy gradient estimator with the built-in
-  baseline; option ``k``, default 4, at least 2)::
+  baseline; option ``k``, default as above, at least 2)::
 
       gradient  sum_{s in S} p(s) R(S, s) grad log p(s) (f(s) - B(S, s))
       B(S, s) = sum_{s' in S} p(s') R^{D \\ {s}}(S, s') f(s')
@@ -148,16 +148,20 @@ def set_ratios(logits: torch.Tensor, index: torch.Tensor, second: bool = False):
         return w, v
 
 
+#: ``k`` when the option is not given (or the site's number of outcomes, where smaller)
+DEFAULT_K = 4
+
+
 class _WithoutReplacement(Estimator):
     plated = True
-    options = {"k": 4}
+    options = {"k": None}  # None: DEFAULT_K, or the site's number of outcomes where that is smaller
     min_k = 1
     baseline_builtin = False
 
     def __init__(self, n: int | None = None, **options) -> None:
         super().__init__(n=n, **options)
         k = self.opts["k"]
-        if isinstance(k, bool) or not isinstance(k, int) or not self.min_k <= k <= MAX_K:
+        if k is not None and (isinstance(k, bool) or not isinstance(k, int) or not self.min_k <= k <= MAX_K):
             why = " (the built-in baseline leaves one sample out)" if self.min_k > 1 else ""
             raise EstimatorError(
                 f"option k of `{self.name}` must be an int from {self.min_k} to {MAX_K}{why}, not {k!r}",
@@ -176,12 +180,16 @@ class _WithoutReplacement(Estimator):
         if reason is not None:
             return reason
         size = dist.logits.shape[-1]
-        if self.opts["k"] > size:
-            return f"option k={self.opts['k']} is more than the site's {size} outcomes"
+        k = self.opts["k"]
+        if k is not None and k > size:
+            return f"option k={k} is more than the site's {size} outcomes"
+        if self.plate_size(dist) < self.min_k:
+            return f"it needs at least {self.min_k} outcomes to leave one out, and the site has {size}"
         return None
 
     def plate_size(self, dist: Distribution) -> int:
-        return self.opts["k"]
+        k = self.opts["k"]
+        return k if k is not None else min(DEFAULT_K, int(dist.logits.shape[-1]))
 
     def sample_variants(self, dist: Distribution, dim: int, size: int, state: dict) -> tuple[torch.Tensor, Any]:
         own = tuple(dist.batch_shape[dim + 1 :])
