@@ -27,7 +27,7 @@ from ..story.walk import defined_names, walk
 from .checks import check_arguments, random_call
 from .helpers import BUILTINS, HELPERS
 from .plates import AVERAGE, Data
-from .vectorize import Compiled, has_scope, is_elementwise
+from .vectorize import Compiled, has_scope, is_elementwise, own_reduce, reduced_form
 
 _ARGS_CACHE: dict[type, tuple[tuple[str, ...], dict[str, int]]] = {}
 
@@ -325,8 +325,10 @@ class PlateOp:
         ex.open_plate(self.dim, size, Data(self.lineno, size, n, self.reduce))
         idx = None
         if size < n:  # B datapoints drawn uniformly without replacement, afresh for each run
-            runs = ex.sizes[0] if self.run_dim else 1
-            idx = torch.rand(runs, n, device=ex.device).argsort(-1)[:, :size]
+            if self.run_dim:
+                idx = torch.rand(ex.sizes[0], n, device=ex.device).argsort(-1)[:, :size]
+            else:
+                idx = torch.randperm(n, device=ex.device)[:size].unsqueeze(0)
         for name, fn, v in zip(self.targets, self.fns, values):
             ex.env[name] = datapoint(v, fn.rank, self.dim, idx, self.run_dim)
 
@@ -439,6 +441,7 @@ class Planner:
         self.cost_ops: list[CostOp] = []
         self.globals: dict[str, Any] = dict(HELPERS)
         self.globals["__builtins__"] = BUILTINS
+        self.globals["__own_reduce__"] = own_reduce  # reductions over one draw's entries (reduced_form)
         self.constants: dict[str, torch.Tensor] = {}  # namespace tensors read as constants
         self.n_plates = 0
         self.open_plates: list[int] = []  # batch dims of the data plates around the statement being planned
@@ -592,6 +595,11 @@ class Planner:
                 continue
             else:
                 raise self.name_error(name, expr)
+        elementwise = is_elementwise(expr.node, self.resolve_object)
+        scoped = has_scope(expr.node)
+        direct = None
+        if not elementwise and not scoped and batched:
+            direct = reduced_form(expr.node, self.resolve_object, rank, f"<story line {expr.lineno}>")
         fn = Compiled(
             code=expr.code,
             globals=self.globals,
@@ -599,8 +607,9 @@ class Planner:
             batched=tuple(batched),
             unbatched=tuple(unbatched),
             const_own=const_own,
-            elementwise=is_elementwise(expr.node, self.resolve_object),
-            scoped=has_scope(expr.node),
+            elementwise=elementwise or direct is not None,
+            scoped=scoped,
+            direct=direct,
         )
         fn.dims = frozenset(dims)  # type: ignore[attr-defined]
         return fn, parents
@@ -655,6 +664,7 @@ class Planner:
     # -------------------------------------------------------------- walking
     def build(self) -> Plan:
         self.block(self.program.statements, {}, "")
+        self.prune_stacks()
         if not self.cost_ops:
             raise StoryError(
                 "no cost is ever computed (every `cost` line is in a loop that runs zero times)",
@@ -849,6 +859,20 @@ class Planner:
         self.static.pop(st.target, None)
 
 
+    def prune_stacks(self) -> None:
+        """Stack after a plate only the names that a later op reads (a VAE's
+        per-datapoint values are rarely read after the block)."""
+        read_later: set[str] = set()
+        for i in range(len(self.ops) - 1, -1, -1):
+            op = self.ops[i]
+            if isinstance(op, StackOp):
+                op.names = tuple((name, r) for name, r in op.names if name in read_later)
+            else:
+                for fn in _compiled(op):
+                    read_later.update(name for name, _ in fn.batched)
+                    read_later.update(fn.unbatched)
+        self.ops = [op for op in self.ops if not (isinstance(op, StackOp) and not op.names)]
+
     def plate(self, st: Plate, loopvars: dict[str, int], suffix: str) -> None:
         """A data plate: its datapoint names get a new batch dim for the block;
         after it, every name the block defined is stacked along a first own dim."""
@@ -902,6 +926,17 @@ class Planner:
 
 #: the most statements a story may unroll into (loops included)
 MAX_UNROLLED = 10_000
+
+
+def _compiled(op) -> tuple[Compiled, ...]:
+    """The compiled expressions an op evaluates."""
+    if isinstance(op, (StepOp, CostOp)):
+        return (op.fn,)
+    if isinstance(op, SiteOp):
+        return (op.dist, *op.args, *(f for _, f in op.kwargs))
+    if isinstance(op, PlateOp):
+        return op.fns
+    return ()
 
 
 def _count_costs(statements) -> int:

@@ -280,13 +280,14 @@ def _train_steps(story, steps, estimator, optimizer, lr, samples, seed, ns, devi
                 break
             # Story.run gives the estimator's gradient (and trains control variates such as RELAX's),
             # on the run's device in its dtype: a namespace tensor elsewhere gets it on its own device
-            sq = 0.0
+            norms = []
             for n, p in params.items():
                 g = res.grads.get(n)
                 p.grad = None if g is None else g.detach().to(device=p.device, dtype=p.dtype)
                 if g is not None:
-                    sq += float(g.detach().double().pow(2).sum())
-            hist.grad_norm.append(math.sqrt(sq))
+                    norms.append(torch.linalg.vector_norm(g.detach(), dtype=torch.float64).to("cpu"))
+            # one read of the device for the step's gradient norm
+            hist.grad_norm.append(float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0)
             opt.step()
             hist.steps = step
             if callback is not None and callback(step, hist) is True:

@@ -19,12 +19,13 @@ Two ways to evaluate a step:
 from __future__ import annotations
 
 import ast
+import copy
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from .helpers import ELEMENTWISE, ELEMENTWISE_METHODS
+from .helpers import ELEMENTWISE, ELEMENTWISE_METHODS, HELPERS
 
 
 def pad(v: torch.Tensor, r: int, m: int, own: int, k: int) -> torch.Tensor:
@@ -87,6 +88,93 @@ def rowwise(module: nn.Module) -> bool:
     return all(type(m) in ROWWISE_MODULES for m in module.modules())
 
 
+_REDUCTIONS = ("sum", "mean")
+
+
+def own_reduce(x: torch.Tensor, m: int, how: str) -> torch.Tensor:
+    """``x.sum()`` / ``x.mean()`` of one draw, on a batched ``x`` (batch rank ``m``):
+    over its own dims only (none: ``x`` itself; ``sum(dim=())`` would reduce all)."""
+    if x.dim() <= m:
+        return x
+    dims = tuple(range(m, x.dim()))
+    return x.sum(dims) if how == "sum" else x.mean(dims)
+
+
+def _scalar_constant(node: ast.AST, resolve) -> bool:
+    """A number known before the run: a literal, a namespace number, arithmetic and
+    elementwise helpers of those (``LATENT * log(2.0)``)."""
+    if isinstance(node, ast.Constant):
+        return isinstance(node.value, (int, float)) and not isinstance(node.value, bool)
+    if isinstance(node, ast.Name):
+        v = resolve(node.id)
+        return isinstance(v, (int, float)) and not isinstance(v, bool)
+    if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)):
+        return _scalar_constant(node.operand, resolve)
+    if isinstance(node, ast.BinOp) and not isinstance(node.op, ast.MatMult):
+        return _scalar_constant(node.left, resolve) and _scalar_constant(node.right, resolve)
+    if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and not node.keywords and len(node.args) == 1:
+        return id(resolve(node.func.id)) in ELEMENTWISE and _scalar_constant(node.args[0], resolve)
+    return False
+
+
+def _full_reduction(node: ast.AST, resolve) -> tuple[ast.expr, str] | None:
+    """``(X, "sum")`` for ``X.sum()``, ``sum(X)``, ``torch.sum(X)`` (and mean) of an
+    elementwise ``X``, with no other arguments; else None."""
+    if not isinstance(node, ast.Call) or node.keywords:
+        return None
+    f = node.func
+    if isinstance(f, ast.Attribute) and f.attr in _REDUCTIONS and not node.args:
+        if isinstance(f.value, ast.Name) and resolve(f.value.id) is torch:
+            return None
+        return (f.value, f.attr) if is_elementwise(f.value, resolve) else None
+    if len(node.args) != 1 or not is_elementwise(node.args[0], resolve):
+        return None
+    for how in _REDUCTIONS:
+        if isinstance(f, ast.Name) and f.id == how and resolve(f.id) is HELPERS[how]:
+            return node.args[0], how
+        if (isinstance(f, ast.Attribute) and f.attr == how and isinstance(f.value, ast.Name)
+                and resolve(f.value.id) is torch):
+            return node.args[0], how
+    return None
+
+
+def reduced_form(node: ast.expr, resolve, rank: int, filename: str):
+    """Code that evaluates ``node`` directly on batched values (batch rank ``rank``),
+    where ``node`` adds, subtracts, multiplies or divides full reductions of
+    elementwise expressions (``(a - b).sum() + LATENT * log(2.0)``, the usual shape
+    of a cost) and numbers: each reduction over one draw's own dims
+    (:func:`own_reduce`), so the step needs no ``vmap``. None for any other form."""
+    tree = copy.deepcopy(node)  # rewritten in place: the story's own AST stays as it is
+    found: list[ast.Call] = []
+
+    def combo(n: ast.AST) -> bool:
+        if isinstance(n, ast.BinOp) and isinstance(n.op, (ast.Add, ast.Sub, ast.Mult, ast.Div)):
+            return combo(n.left) and combo(n.right)
+        if isinstance(n, ast.UnaryOp) and isinstance(n.op, (ast.USub, ast.UAdd)):
+            return combo(n.operand)
+        if _full_reduction(n, resolve) is not None:
+            found.append(n)  # type: ignore[arg-type]
+            return True
+        return _scalar_constant(n, resolve)
+
+    if not combo(tree) or not found:
+        return None
+
+    class Rewrite(ast.NodeTransformer):
+        def visit_Call(self, n: ast.Call) -> ast.AST:
+            if any(n is f for f in found):
+                x, how = _full_reduction(n, resolve)
+                call = ast.Call(func=ast.Name(id="__own_reduce__", ctx=ast.Load()),
+                                args=[x, ast.Constant(rank), ast.Constant(how)], keywords=[])
+                return ast.copy_location(call, n)
+            return self.generic_visit(n)
+
+    body = Rewrite().visit(tree)
+    expr = ast.Expression(body=body)
+    ast.fix_missing_locations(expr)
+    return compile(expr, filename, "eval")
+
+
 def has_scope(node: ast.AST) -> bool:
     """True if the expression opens a scope of its own (comprehension, lambda)."""
     return any(isinstance(n, (ast.Lambda, ast.ListComp, ast.SetComp, ast.DictComp, ast.GeneratorExp)) for n in ast.walk(node))
@@ -104,6 +192,9 @@ class Compiled:
     const_own: int  # largest own rank among the namespace constants it reads
     elementwise: bool
     scoped: bool  # needs the story values as globals (comprehensions, lambdas)
+    #: the code the elementwise path runs where it differs from ``code``
+    #: (full reductions over own dims: :func:`reduced_form`)
+    direct: object = None
 
     def __call__(self, env: dict) -> object:
         if self.scoped:
@@ -131,7 +222,7 @@ class Compiled:
                     if local is None:
                         local = dict(env)
                     local[name] = pad(env[name], r, m, o, k)
-            return eval(self.code, self.globals, env if local is None else local)
+            return eval(self.direct or self.code, self.globals, env if local is None else local)
         return self.vmapped(env)
 
     def vmapped(self, env: dict) -> torch.Tensor:

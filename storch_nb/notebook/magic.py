@@ -375,6 +375,16 @@ def _check_device(device: str) -> None:
 _DEFAULT_NAMES = ("samples", "estimator", "runs", "seed", "device", "dtype")
 
 
+class Interrupted(KeyboardInterrupt):
+    """A ``%%storch`` cell interrupted (Ctrl-C, "interrupt kernel"): shown as one line."""
+
+    def __init__(self) -> None:
+        super().__init__("the %%storch cell was interrupted; nothing was changed")
+
+    def _render_traceback_(self) -> list[str]:
+        return [f"KeyboardInterrupt: {self.args[0]}"]
+
+
 @magics_class
 class StorchMagics(Magics):
     """The ``%%storch`` cell magic and the ``%storch`` line magic (settings)."""
@@ -572,6 +582,11 @@ class StorchMagics(Magics):
         rng = torch.get_rng_state()
         try:
             return self._cell(line, cell)
+        except KeyboardInterrupt:
+            torch.set_rng_state(rng)
+            # one line, not a traceback through the engine and torch (which IPython can take
+            # seconds to format): the interrupted run changed nothing
+            raise Interrupted() from None
         except BaseException:
             torch.set_rng_state(rng)
             raise
