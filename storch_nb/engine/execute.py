@@ -72,11 +72,12 @@ class Execution:
         key = (op.node, "estimator", est.text())  # each estimator keeps its own state per site
         state = self.state.setdefault(key, {})
         runs = self.sizes[0] if self.plan.run_dim else None
-        if state.get("runs", 0) != runs or not placed_like(state, self.device, self.dtype):
-            # state made for another number of runs, device or dtype: start afresh
+        if (est.state_per_run and state.get("runs", 0) != runs) or not placed_like(state, self.device, self.dtype):
+            # state made for another number of runs (where it holds one entry per run), device or dtype:
+            # start afresh
             state.clear()
-            state["runs"] = runs
             state["device"], state["dtype"] = self.device, self.dtype
+        state["runs"] = runs
         state["sample_dim"] = op.sample_dim  # where the story's samples lie (sample-comparing estimators)
         try:
             value, aux = est.sample_variants(dist, op.plate, size, state)

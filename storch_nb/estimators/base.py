@@ -80,6 +80,10 @@ class Estimator:
     #: the estimator has control-variate parameters that the engine trains to
     #: minimise the variance of the gradient estimate (see :meth:`cv_parameters`)
     trainable: ClassVar[bool] = False
+    #: the estimator's state holds one entry per run (LAX's coefficients), so a call
+    #: with another number of runs starts afresh; False where one state serves
+    #: every number of runs (REBAR's and RELAX's pooled fit)
+    state_per_run: ClassVar[bool] = True
     #: accepted keyword options and their defaults (``n`` is always accepted)
     options: ClassVar[dict[str, Any]] = {}
 

@@ -125,6 +125,7 @@ class _Learned(Estimator):
 class _Relaxed(_Learned):
     plated = True
     joint_variants = True
+    state_per_run = False  # one coefficient vector and temperature, pooled over runs
     higher_order = False  # first-order surrogate: second derivatives are refused
     trainable = True
     cv_second_order = True
