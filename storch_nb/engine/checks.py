@@ -70,12 +70,9 @@ def check_arguments(dist: Distribution, skip: frozenset[str] | set[str] = frozen
     constraint, as ``validate_args`` would check it (the parameters the
     distribution holds, after its own normalisation), except those in ``skip``
     (given as Python numbers and checked on an earlier pass)."""
-    cons = type(dist).arg_constraints
-    if not isinstance(cons, dict):
-        return
     held = dist.__dict__
-    for name, c in cons.items():
-        if name not in held or name in skip or constraints.is_dependent(c) or _trivial(c):
+    for name, c in _constrained(type(dist)):
+        if name not in held or name in skip:
             continue
         value = held[name]
         if not isinstance(value, torch.Tensor):
@@ -104,6 +101,21 @@ def _hint(name: str, c: Any) -> str:
     if c is constraints.positive or type(c).__name__.lstrip("_") in ("GreaterThan", "GreaterThanEq"):
         return f"keep `{name}` {describe(c)}, e.g. with softplus(...) or exp(...) of the quantity you train"
     return f"keep `{name}` {describe(c)}"
+
+
+_CONSTRAINED: dict[type, tuple[tuple[str, Any], ...]] = {}
+
+
+def _constrained(cls: type) -> tuple[tuple[str, Any], ...]:
+    """The arguments of a distribution class whose constraint says more than "a
+    number" (cached per class)."""
+    got = _CONSTRAINED.get(cls)
+    if got is None:
+        cons = cls.arg_constraints if isinstance(cls.arg_constraints, dict) else {}
+        got = _CONSTRAINED[cls] = tuple(
+            (name, c) for name, c in cons.items() if not constraints.is_dependent(c) and not _trivial(c)
+        )
+    return got
 
 
 def _offending(value: torch.Tensor, ok: torch.Tensor) -> str:

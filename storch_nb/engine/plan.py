@@ -101,6 +101,9 @@ class CostOp:
     sites: tuple[str, ...]  # the sites upstream of this cost, in execution order
     plates: frozenset[int] = frozenset()  # the data plates the cost is inside (their batch dims)
 
+    def __post_init__(self) -> None:
+        self.site_set = frozenset(self.sites)
+
     def run(self, ex) -> None:
         v = self.fn(ex.env)
         if not isinstance(v, torch.Tensor):
@@ -193,7 +196,7 @@ class SiteOp:
     def check(self, d: Distribution, numbers, cls: Any = None) -> None:
         """Check the distribution's arguments; put the caret under the offending one."""
         names = dist_args(cls)[0] if cls is not None else ()
-        skip = {names[i] if isinstance(i, int) and i < len(names) else i for i in numbers}
+        skip = {names[i] if isinstance(i, int) and i < len(names) else i for i in numbers} if numbers else ()
         try:
             check_arguments(d, skip)
         except StoryError as exc:

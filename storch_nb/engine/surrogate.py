@@ -57,7 +57,8 @@ def joint_log_prob(lp: torch.Tensor, r: int, m: int, k: int, outside: frozenset[
     for d in outside:
         if lp.shape[d] > 1:
             lp = lp.sum(d, keepdim=True)
-    return lp.reshape(lp.shape + (1,) * (m - r + k))
+    pad = m - r + k
+    return lp.reshape(lp.shape + (1,) * pad) if pad else lp
 
 
 @dataclass
@@ -165,10 +166,12 @@ def _scored_term(c, parts: _Parts, signals: list, first_order: bool):
     return term, extra
 
 
-def _reduce(term: torch.Tensor, k: int, ex: Execution, view: CostView, stop: int, averaging: bool) -> torch.Tensor:
-    """Average the cost's own ``k`` entries, then reduce the batch dims after ``stop``."""
+def _reduce(term: torch.Tensor, k: int, ex: Execution, view, stop: int, averaging: bool) -> torch.Tensor:
+    """Average the cost's own ``k`` entries, then reduce the batch dims after ``stop``
+    (``view()`` makes the :class:`CostView` the plates need)."""
     if averaging and stop == 0:
         return term.mean()
+    view = view()
     if k:
         term = term.mean(tuple(range(term.dim() - k, term.dim())))
     for d in range(term.dim() - 1, stop - 1, -1):
@@ -204,7 +207,9 @@ def build(ex: Execution, state: dict, keep: int, stop: int | None = None, first_
             term = c
         if parts.enumerated:
             term = term * torch.exp(_sum([w for _, w in parts.enumerated]))
-        view = CostView(op.node, op.lineno, op.line, frozenset(op.sites), op.plates, sizes, first_order, ex.guard)
+        def view(op=op) -> CostView:
+            return CostView(op.node, op.lineno, op.line, op.site_set, op.plates, sizes, first_order, ex.guard)
+
         term = _reduce(term, k, ex, view, stop, averaging)
         if extra is not None:
             term = term + _reduce(extra, k, ex, view, stop, averaging)
