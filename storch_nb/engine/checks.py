@@ -25,44 +25,50 @@ __all__ = ["check_arguments", "describe", "random_call"]
 _TRIVIAL = (constraints.real, constraints.real_vector)
 
 
+#: constraints by identity, in words
+_WORDS = (
+    (constraints.positive, "positive"),
+    (constraints.nonnegative, "non-negative"),
+    (constraints.unit_interval, "in [0, 1]"),
+    (constraints.simplex, "a probability vector (non-negative entries summing to 1)"),
+    (constraints.positive_definite, "a positive definite matrix"),
+    (constraints.lower_cholesky, "a lower-triangular matrix with a positive diagonal"),
+    (constraints.nonnegative_integer, "a non-negative integer"),
+    (constraints.boolean, "0 or 1"),
+)
+#: constraints with bounds, by class name: the words as a template of the bounds
+_BOUNDED = {
+    "GreaterThan": "greater than {lb:g}",
+    "GreaterThanEq": "at least {lb:g}",
+    "LessThan": "less than {ub:g}",
+    "Interval": "in [{lb:g}, {ub:g}]",
+    "IntegerInterval": "in [{lb:g}, {ub:g}]",
+    "HalfOpenInterval": "in [{lb:g}, {ub:g})",
+}
+
+
+def _base(c: Any) -> Any:
+    """The constraint an ``independent(...)`` constraint wraps (itself otherwise)."""
+    while type(c).__name__ == "_IndependentConstraint":
+        c = c.base_constraint
+    return c
+
+
 def describe(c: Any) -> str:
     """A constraint in words."""
-    if c is constraints.positive:
-        return "positive"
-    if c is constraints.nonnegative:
-        return "non-negative"
-    if c is constraints.unit_interval:
-        return "in [0, 1]"
-    if c is constraints.simplex:
-        return "a probability vector (non-negative entries summing to 1)"
-    if c is constraints.positive_definite:
-        return "a positive definite matrix"
-    if c is constraints.lower_cholesky:
-        return "a lower-triangular matrix with a positive diagonal"
-    if c is constraints.nonnegative_integer:
-        return "a non-negative integer"
-    if c is constraints.boolean:
-        return "0 or 1"
-    name = type(c).__name__.lstrip("_")
-    lb, ub = getattr(c, "lower_bound", None), getattr(c, "upper_bound", None)
-    if name == "GreaterThan":
-        return f"greater than {lb:g}" if isinstance(lb, (int, float)) else repr(c)
-    if name == "GreaterThanEq":
-        return f"at least {lb:g}" if isinstance(lb, (int, float)) else repr(c)
-    if name == "LessThan":
-        return f"less than {ub:g}" if isinstance(ub, (int, float)) else repr(c)
-    if name in ("Interval", "HalfOpenInterval", "IntegerInterval") and isinstance(lb, (int, float)):
-        close = "]" if name != "HalfOpenInterval" else ")"
-        return f"in [{lb:g}, {ub:g}{close}"
-    if name == "IndependentConstraint":
-        return describe(c.base_constraint)
+    c = _base(c)
+    for known, words in _WORDS:
+        if c is known:
+            return words
+    template = _BOUNDED.get(type(c).__name__.lstrip("_"))
+    lb, ub = getattr(c, "lower_bound", 0.0), getattr(c, "upper_bound", 0.0)
+    if template is not None and isinstance(lb, (int, float)) and isinstance(ub, (int, float)):
+        return template.format(lb=lb, ub=ub)
     return repr(c)
 
 
 def _trivial(c: Any) -> bool:
-    while type(c).__name__ == "_IndependentConstraint":
-        c = c.base_constraint
-    return c is constraints.real or c in _TRIVIAL
+    return _base(c) in _TRIVIAL
 
 
 def check_arguments(dist: Distribution, skip: frozenset[str] | set[str] = frozenset()) -> None:
@@ -92,8 +98,7 @@ def check_arguments(dist: Distribution, skip: frozenset[str] | set[str] = frozen
 
 
 def _hint(name: str, c: Any) -> str:
-    while type(c).__name__ == "_IndependentConstraint":
-        c = c.base_constraint
+    c = _base(c)
     if c is constraints.simplex:
         return f"make `{name}` with softmax(...), or pass logits= instead"
     if c is constraints.unit_interval:
