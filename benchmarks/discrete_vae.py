@@ -229,7 +229,7 @@ def fitted_story(est: str, data, enc, dec, warm: int) -> sn.Story:
     ns = namespace(data[:64], enc, dec, batch=64)
     for _ in range(warm):
         story.run(samples=samples_for(est), estimator=est, namespace=ns)
-    for state in story._state.values():
+    for state in story._runner.state.values():
         if isinstance(state, dict) and "cv" in state:
             state["optimizer"] = None
     return story

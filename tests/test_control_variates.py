@@ -36,7 +36,7 @@ def _grads(story, est, seed):
 
 
 def _cv(story):
-    (st,) = [v for v in story._state.values() if isinstance(v, dict) and "cv" in v]
+    (st,) = [v for v in story._runner.state.values() if isinstance(v, dict) and "cv" in v]
     return st["cv"]
 
 

@@ -101,7 +101,7 @@ def test_namespace_constant_on_the_cpu_is_the_users_tensor():
     res = story.run(samples=100_000, estimator="pathwise", seed=0, stderr=True, namespace={"y": y}, dtype="float64")
     assert res.grads["m"].dtype == F64
     assert_within(res.grads["m"], -2 * y.double() / 3, res.stderr["m"], what="namespace constant")
-    plan = story._last_plan
+    plan = story._runner.last_plan
     assert plan.constants == {"y": y} and plan.globals["y"] is y and not plan.placed
     assert y.dtype == torch.float32 and torch.equal(y, torch.tensor([1.0, -1.0, 0.5]))
 
@@ -114,7 +114,7 @@ def test_namespace_constants_are_copied_to_another_device_and_refreshed():
     y = torch.tensor([1.0, -1.0, 0.5])
     story = sn.Story("m = param(torch.zeros(3))\nx ~ Normal(m, 1)\ncost (x - y)**2\n")
     story.run(samples=4, estimator="pathwise", seed=0, namespace={"y": y})
-    plan = story._last_plan
+    plan = story._runner.last_plan
     meta = torch.device("meta")
     place_constants(plan, meta)
     first = plan.globals["y"]
@@ -173,7 +173,7 @@ def test_estimator_state_starts_afresh_when_the_dtype_changes(spec, text):
         for name, g in want.grads.items():
             assert got.grads[name].dtype == dtype
             assert torch.equal(got.grads[name], g), (spec, dtype, name)
-        tensors = [t for st in used._state.values() for t in _state_tensors(st) if t.is_floating_point()]
+        tensors = [t for st in used._runner.state.values() for t in _state_tensors(st) if t.is_floating_point()]
         assert tensors and all(t.dtype == dtype for t in tensors), (spec, {t.dtype for t in tensors})
 
 

@@ -7,10 +7,11 @@ from __future__ import annotations
 import torch
 
 import storch_nb as sn
+from storch_nb.settings import EstimatorSpec
 
 
 def _plan(text: str):
-    return sn.Story(text)._plan({}, "auto", {}, False, False, torch.device("cpu"), torch.float32)
+    return sn.Story(text)._runner.plan({}, EstimatorSpec(), False, False, torch.device("cpu"), torch.float32)
 
 
 def _walk(plan, node: str) -> tuple[str, ...]:

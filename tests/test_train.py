@@ -112,7 +112,7 @@ def test_namespace_tensors_and_modules_are_trained():
     frozen = torch.tensor(2.0)
     ns = {"w": w, "net": net, "frozen": frozen}
     story = sn.Story("x ~ Normal(w, 1)\ncost (x - 3)**2 + (net(torch.ones(1)).sum() - frozen)**2\n")
-    hist = train(story, steps=200, lr=0.05, estimator="pathwise", samples=50, seed=0, namespace=ns)
+    hist = train(story._runner, steps=200, lr=0.05, estimator="pathwise", samples=50, seed=0, namespace=ns)
     assert set(hist.params) == {"w", "net.weight", "net.bias"}
     assert w.item() == pytest.approx(3.0, abs=0.3)  # trained in place, towards the minimiser
     assert (net.weight + net.bias).item() == pytest.approx(2.0, abs=0.05)
@@ -123,7 +123,7 @@ def test_train_compare_starts_each_estimator_from_the_same_point():
     w = torch.tensor(0.0, requires_grad=True)
     ns = {"w": w}
     story = sn.Story("t = param(0.0)\nb ~ Bernoulli(logits=t + w)\ncost (b - 0.45)**2\n")
-    hists = train_compare(story, ["rloo", "score"], steps=30, lr=0.1, samples=20, seed=0, namespace=ns)
+    hists = train_compare(story._runner, ["rloo", "score"], steps=30, lr=0.1, samples=20, seed=0, namespace=ns)
     assert list(hists) == ["rloo", "score"]
     for h in hists.values():
         assert h.trace["t"][0] == 0.0 and h.trace["w"][0] == 0.0

@@ -16,7 +16,7 @@ COIN = "t = param(0.3)\nb ~ Bernoulli(logits=t)\ncost (b - 0.45)**2\n"
 
 
 def _lin(story: sn.Story, site: str = "b", est: str = "relax") -> torch.Tensor:
-    return story._state[(site, "estimator", est)]["cv"]["lin"].detach().clone()
+    return story._runner.state[(site, "estimator", est)]["cv"]["lin"].detach().clone()
 
 
 def test_optimizer_instance_state_carries_over():

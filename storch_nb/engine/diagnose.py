@@ -8,7 +8,7 @@ import math
 import torch
 
 from ..errors import StoryError
-from .plan import CostOp, SiteOp, StepOp
+from .ops import CostOp, SiteOp, StepOp
 
 
 def _bad(v) -> bool:

@@ -9,7 +9,8 @@ from ..errors import EstimatorError, StoryError, StoryNameError
 from ..estimators import Estimator, auto_estimator
 from ..estimators.base import Guard
 from .devices import on_device, placed_like, same_device
-from .plan import Plan, SiteOp
+from .ops import SiteOp
+from .plan import Plan
 from .plates import AVERAGE, ENUMERATED, Plate, Variants
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -48,6 +49,27 @@ class Result:
         if self.estimators:
             lines.append("  estimators: " + ", ".join(f"{k}: {v}" for k, v in self.estimators.items()))
         return "\n".join(lines)
+
+
+def make_result(ex, grads: dict, cost: float, params: dict, samples: int, runs: int, device, dtype, t0: float,
+                stderr: dict | None = None, cost_stderr: float | None = None, costs: torch.Tensor | None = None,
+                exact: bool = False) -> Result:
+    """A :class:`Result` of a pass ``ex`` (for the estimators it used), timed from ``t0``."""
+    return Result(
+        grads=grads,
+        cost=cost,
+        params=params,
+        estimators={k: ("enumerate" if exact else v[1].text()) for k, v in ex.sites.items()},
+        samples=samples,
+        runs=runs,
+        device=str(device),
+        seconds=time.perf_counter() - t0,
+        dtype=dtype,
+        stderr=stderr,
+        cost_stderr=cost_stderr,
+        costs=costs,
+        exact=exact,
+    )
 
 
 def _fmt(t: torch.Tensor) -> str:

@@ -15,13 +15,9 @@ class Seeded:
     __slots__ = ("seed", "device", "cpu", "cuda")
 
     def __init__(self, seed: int | None, device: torch.device | None) -> None:
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)
-                                 or not -(2**63) <= seed < 2**64):
-            from ..errors import StoryError
+        from ..settings import seed as checked
 
-            raise StoryError(f"seed must be an int (or None), not {seed!r}",
-                             hint="give e.g. seed=0, or seed=None to draw from torch's global generator")
-        self.seed = seed
+        self.seed = checked(seed)
         self.device = device
 
     def __enter__(self) -> Seeded:

@@ -36,17 +36,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from .. import settings
 from ..errors import StoryError
 from .rng import Seeded
-
-
-def _device_of(device: Any) -> torch.device | None:
-    if device == "auto" or device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        return torch.device(device)
-    except (RuntimeError, TypeError):
-        return None  # Story.run reports a bad device with a clear error
 
 __all__ = ["History", "train", "train_compare", "trainable", "OPTIMIZERS"]
 
@@ -150,14 +142,15 @@ def _make_optimizer(optimizer: Any, params: list[torch.Tensor], lr: float) -> tu
     )
 
 
-def trainable(story: Any, namespace: Mapping[str, Any] | None = None) -> dict[str, torch.Tensor]:
+def trainable(runner: Any, namespace: Mapping[str, Any] | None = None) -> dict[str, torch.Tensor]:
     """The tensors ``train`` optimises, name -> leaf tensor: the story's own
     parameters, and the namespace leaf tensors with ``requires_grad`` and the
     parameters of the ``nn.Module`` objects that the story's last plan reads
-    (call a run or a surrogate first so that the story's parameters exist)."""
-    out: dict[str, torch.Tensor] = dict(story.params)
+    (call a run or a surrogate first so that the story's parameters exist).
+    ``runner`` is the story's :class:`~.run.Runner` (``Story._runner``)."""
+    out: dict[str, torch.Tensor] = dict(runner.params)
     ns = namespace if namespace is not None else {}
-    for node in story.graph.nodes:
+    for node in runner.graph.nodes:
         if node.kind != "param" or node.name in out or node.name not in ns:
             continue
         value = ns[node.name]
@@ -178,7 +171,7 @@ def trainable(story: Any, namespace: Mapping[str, Any] | None = None) -> dict[st
 
 
 def train(
-    story: Any,
+    runner: Any,
     steps: int = 500,
     lr: float = 0.05,
     estimator: str | Mapping[str, str] | None = "auto",
@@ -194,7 +187,7 @@ def train(
 
     Parameters
     ----------
-    story : a :class:`storch_nb.Story`.
+    runner : the story's :class:`~.run.Runner` (``Story.train`` passes it).
     steps : optimizer steps (one surrogate of ``samples`` samples each).
     lr : learning rate.
     estimator : as for ``Story.run`` (text, or a mapping site -> text).
@@ -222,13 +215,14 @@ def train(
         raise StoryError(f"lr must be a positive number, not {lr!r}")
     if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
         raise StoryError(f"samples must be a positive int, not {samples!r}")
-    ns = namespace if namespace is not None else {}
+    ns = settings.namespace(namespace)
+    run = _Settings(settings.estimator_spec(estimator), settings.as_device(device), settings.as_dtype(dtype))
     opt_name = optimizer if isinstance(optimizer, str) else getattr(optimizer, "__name__", type(optimizer).__name__)
     hist = History(estimator=_estimator_text(estimator), optimizer=str(opt_name).lower(), lr=float(lr), samples=samples)
     t0 = time.perf_counter()
     saved: dict[str, tuple] = {}
     try:
-        _train_steps(story, steps, estimator, optimizer, lr, samples, seed, ns, device, dtype, callback, hist, saved)
+        _train_steps(runner, steps, run, optimizer, lr, samples, seed, ns, callback, hist, saved)
     except BaseException:
         # a failed or interrupted run puts every trained tensor back (values and .grad)
         with torch.no_grad():
@@ -238,20 +232,26 @@ def train(
         raise
     params = {n: p for n, (p, _, _) in saved.items()}
     if not saved and steps == 0:
-        params = trainable(story, ns) if story.params else {}
+        params = trainable(runner, ns) if runner.params else {}
     hist.params = {n: p.detach().clone() for n, p in params.items()}
     hist.seconds = time.perf_counter() - t0
     return hist
 
 
-def _train_steps(story, steps, estimator, optimizer, lr, samples, seed, ns, device, dtype, callback, hist,
-                 saved) -> None:
+@dataclass(frozen=True)
+class _Settings:
+    spec: Any
+    device: torch.device
+    dtype: torch.dtype
+
+
+def _train_steps(runner, steps, run: _Settings, optimizer, lr, samples, seed, ns, callback, hist, saved) -> None:
     opt: torch.optim.Optimizer | None = None
     params: dict[str, torch.Tensor] = {}
-    with Seeded(seed, _device_of(device)):
+    with Seeded(settings.seed(seed), run.device):
         for step in range(1, steps + 1):
             try:
-                res = story.run(samples=samples, estimator=estimator, seed=None, namespace=ns, device=device, dtype=dtype)
+                res = runner.estimate(samples, run.spec, None, run.device, 1, ns, run.dtype)
             except StoryError as exc:
                 if not getattr(exc, "nonfinite", False):
                     exc.message = f"at training step {step}: {exc.message}"
@@ -259,7 +259,7 @@ def _train_steps(story, steps, estimator, optimizer, lr, samples, seed, ns, devi
                     raise
                 res = None
             if opt is None:
-                params = trainable(story, ns)
+                params = trainable(runner, ns)
                 if not params:
                     raise StoryError(
                         "there is nothing to train: the story has no parameters",
@@ -307,7 +307,7 @@ def _restore(params: Mapping[str, torch.Tensor], saved: Mapping[str, torch.Tenso
 
 
 def train_compare(
-    story: Any,
+    runner: Any,
     estimators: Sequence[str],
     steps: int = 500,
     lr: float = 0.05,
@@ -333,21 +333,21 @@ def train_compare(
         estimators = [e.strip() for e in estimators.split(",") if e.strip()]
     if not estimators:
         raise StoryError("train_compare needs at least one estimator")
-    ns = namespace if namespace is not None else {}
-    story.reset()
+    ns = settings.namespace(namespace)
+    runner.reset()
     # find the namespace tensors and modules the story trains (one surrogate builds the plan)
-    story.surrogate(samples=2, estimator="auto", seed=0, namespace=ns, device=device, dtype=dtype)
-    outside = {n: p for n, p in trainable(story, ns).items() if n not in story.params}
+    runner.surrogate(2, settings.EstimatorSpec(), 0, ns, settings.as_device(device), settings.as_dtype(dtype))
+    outside = {n: p for n, p in trainable(runner, ns).items() if n not in runner.params}
     saved = _snapshot(outside)
     out: dict[str, History] = {}
     try:
         for est in estimators:
-            story.reset()
+            runner.reset()
             _restore(outside, saved)
             cb = None
             if callback is not None:
                 cb = lambda step, h, _e=est: callback(_e, step, h)  # noqa: B023
-            out[est] = train(story, steps=steps, lr=lr, estimator=est, optimizer=optimizer, samples=samples,
+            out[est] = train(runner, steps=steps, lr=lr, estimator=est, optimizer=optimizer, samples=samples,
                              seed=seed, namespace=ns, device=device, dtype=dtype, callback=cb)
     finally:
         _restore(outside, saved)
