@@ -376,7 +376,20 @@ def print_per_entry(case: Case, rows: list[Row]) -> None:
 
 
 # -------------------------------------------------------------------- main
-def main(argv: list[str] | None = None) -> int:
+@dataclass
+class Config:
+    samples: int
+    runs: int
+    rounds: int
+    calls: int
+    warmup: int
+    train_runs: int
+    train_steps: int
+    pool: int
+    quick: bool
+
+
+def _config(argv: list[str] | None) -> Config:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="few rounds and runs: a smoke run, not a measurement")
     ap.add_argument("--samples", type=int, default=10, help="S, samples per estimate (default 10)")
@@ -391,104 +404,110 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.threads > 0:
         torch.set_num_threads(args.threads)
-
-    samples = args.samples
     if args.quick:
-        runs = args.runs or 200
-        rounds, calls, warmup = 3, 5, 3
-        train_runs, train_steps, pool = 50, 10, 2
-    else:
-        runs = args.runs or 2000
-        rounds, calls, warmup = 21, 50, 20
-        train_runs, train_steps, pool = 200, 300, 10
-    t_start = time.perf_counter()
+        return Config(args.samples, args.runs or 200, 3, 5, 3, 50, 10, 2, True)
+    return Config(args.samples, args.runs or 2000, 21, 50, 20, 200, 300, 10, False)
 
+
+def _fitting(text: str, names: list[str]) -> tuple[list[str], dict[str, str]]:
+    """The estimators that run on a story, and why each other one does not."""
+    fits, refused = [], {}
+    for name in names:
+        reason = fit_or_reason(text, name)
+        if reason is None:
+            fits.append(name)
+        else:
+            refused[name] = reason
+    return fits, refused
+
+
+def _time(case, fits: list[str], hands: tuple[str, ...], cfg: Config) -> tuple[dict, dict]:
+    """Time per estimate (one call, runs=1) of every estimator and hand-written twin, in alternating rounds."""
+    fns: dict[str, Callable[[], object]] = {}
+    for name in fits:
+        story = storch_nb.Story(case.text)
+        fns[name] = lambda story=story, name=name: story.run(samples=cfg.samples, estimator=name)
+    for kind in hands:
+        fns["hand " + kind] = hand(kind, case.p0, cfg.samples)
+    raced = race(fns, cfg.rounds, cfg.calls, cfg.warmup)
+    timings = {k: v for k, v in raced.items() if not k.startswith("hand ")}
+    return timings, {k[5:]: v for k, v in raced.items() if k.startswith("hand ")}
+
+
+def _rows(case, fits, hands, exact, dist, timings, hand_timings, cfg: Config) -> list[Row]:
+    """Variance and bias of every estimator that fits (and of the hand-written twins)."""
+    rows: list[Row] = []
+    for name in fits:
+        evals = evals_per_sample(name, dist)
+        trainable = make_estimator(name).trainable
+        st = measure(case.text, name, case.param, exact, cfg.samples, cfg.runs)
+        ratio = "-"
+        if name in hand_timings:
+            h, t = hand_timings[name], timings[name]
+            q1, _, q3 = statistics.quantiles([a / b for a, b in zip(t.best, h.best)], n=4)
+            ratio = f"{t.median / h.median:.2f}x ({q1:.2f}-{q3:.2f})"
+        rows.append(Row(f"{name} (fresh)" if trainable else name, evals, timings.get(name), st, ratio))
+        if trainable:
+            st_t = measure_trained(case.text, name, case.param, exact, cfg.samples, cfg.train_runs, cfg.train_steps,
+                                   cfg.pool)
+            rows.append(Row(f"{name} (trained, {cfg.train_steps} steps)", evals, None, st_t))
+        if name in hands:
+            torch.default_generator.manual_seed(0)
+            g = hand_batched(name, case.p0, cfg.runs, cfg.samples)
+            rows.append(Row(f"↳ {name}, hand-written torch", "2" if name == "disarm" else "1", hand_timings[name],
+                            stats(g.unsqueeze(-1), exact.reshape(1))))
+    return rows
+
+
+def _notes(case, auto, refused: dict[str, str], cfg: Config) -> list[str]:
+    """Print the lines under a case's table; return the engine errors among the refusals."""
+    print(f"- `auto` picks `{auto.estimators[next(iter(auto.estimators))]}` here (S = {cfg.samples}).")
+    if case.p0 is not None:
+        cf = score_variance_closed_form(case.p0, cfg.samples)
+        print(f"- closed-form variance of plain `score` at S = {cfg.samples}: {cf:.3e}.")
+    if not case.time_it:
+        print("- times are those of the p0 = 0.499 table (the same work; only the constant differs).")
+    errors = []
+    for name, reason in refused.items():
+        print(f"- `{name}` does not fit: {reason}")
+        if reason.startswith("ERROR"):
+            errors.append(f"{case.title}: `{name}` {reason}")
+    return errors
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = _config(argv)
+    t_start = time.perf_counter()
     print(
         f"torch {torch.__version__}, storch_nb {storch_nb.__version__}, python {sys.version.split()[0]}, "
-        f"torch.get_num_threads() = {torch.get_num_threads()}" + (" (--quick: smoke run)" if args.quick else "")
+        f"torch.get_num_threads() = {torch.get_num_threads()}" + (" (--quick: smoke run)" if cfg.quick else "")
     )
     print(
-        f"timing: {rounds} alternating rounds of {calls} calls, fastest call per round, median over rounds; "
-        f"variance and bias over R = {runs} runs at S = {samples}; rebar/relax 'trained': {train_steps} calls "
-        f"at runs={train_runs}, then {pool} calls pooled ({train_runs * pool} estimates)"
+        f"timing: {cfg.rounds} alternating rounds of {cfg.calls} calls, fastest call per round, median over rounds; "
+        f"variance and bias over R = {cfg.runs} runs at S = {cfg.samples}; rebar/relax 'trained': {cfg.train_steps} "
+        f"calls at runs={cfg.train_runs}, then {cfg.pool} calls pooled ({cfg.train_runs * cfg.pool} estimates)"
     )
-
     names = canonical_names()
     timings: dict[str, Timing] = {}  # shared by the two Bernoulli toys
     hand_timings: dict[str, Timing] = {}
     notes: list[str] = []
     for case in CASES:
-        exact_res = storch_nb.Story(case.text).exact()
-        exact = exact_res.grads[case.param]
+        exact = storch_nb.Story(case.text).exact().grads[case.param]
         probe = storch_nb.Story(case.text)
-        auto = probe.run(samples=samples, estimator="auto", seed=0)
-        dist = case.site(probe.params)
-        fits, refused = [], {}
-        for name in names:
-            reason = fit_or_reason(case.text, name)
-            if reason is None:
-                fits.append(name)
-            else:
-                refused[name] = reason
-
-        # -- time per estimate (one call, runs=1), all in alternating rounds
+        auto = probe.run(samples=cfg.samples, estimator="auto", seed=0)
+        fits, refused = _fitting(case.text, names)
         hands = ("score", "rloo", "disarm") if case.p0 is not None else ()
         if case.time_it:
-            fns: dict[str, Callable[[], object]] = {}
-            for name in fits:
-                story = storch_nb.Story(case.text)
-                fns[name] = lambda story=story, name=name: story.run(samples=samples, estimator=name)
-            for kind in hands:
-                fns["hand " + kind] = hand(kind, case.p0, samples)
-            raced = race(fns, rounds, calls, warmup)
-            timings = {k: v for k, v in raced.items() if not k.startswith("hand ")}
-            hand_timings = {k[5:]: v for k, v in raced.items() if k.startswith("hand ")}
-
-        # -- variance and bias
-        rows: list[Row] = []
-        for name in fits:
-            evals = evals_per_sample(name, dist)
-            trainable = make_estimator(name).trainable
-            st = measure(case.text, name, case.param, exact, samples, runs)
-            label = f"{name} (fresh)" if trainable else name
-            ratio = "-"
-            if name in hand_timings:
-                h, s = hand_timings[name], timings[name]
-                q1, _, q3 = statistics.quantiles([a / b for a, b in zip(s.best, h.best)], n=4)
-                ratio = f"{s.median / h.median:.2f}x ({q1:.2f}-{q3:.2f})"
-            rows.append(Row(label, evals, timings.get(name), st, ratio))
-            if trainable:
-                st_t = measure_trained(case.text, name, case.param, exact, samples, train_runs, train_steps, pool)
-                rows.append(Row(f"{name} (trained, {train_steps} steps)", evals, None, st_t))
-            if name in hands:
-                torch.default_generator.manual_seed(0)
-                g = hand_batched(name, case.p0, runs, samples)
-                rows.append(
-                    Row(
-                        f"↳ {name}, hand-written torch",
-                        "2" if name == "disarm" else "1",
-                        hand_timings[name],
-                        stats(g.unsqueeze(-1), exact.reshape(1)),
-                    )
-                )
+            timings, hand_timings = _time(case, fits, hands, cfg)
+        rows = _rows(case, fits, hands, exact, case.site(probe.params), timings, hand_timings, cfg)
         score_var = next((r.st.var for r in rows if r.label == "score"), None)
-        print_table(case, exact, rows, score_var, samples, runs)
+        print_table(case, exact, rows, score_var, cfg.samples, cfg.runs)
         print()
-        print(f"- `auto` picks `{auto.estimators[next(iter(auto.estimators))]}` here (S = {samples}).")
-        if case.p0 is not None:
-            cf = score_variance_closed_form(case.p0, samples)
-            print(f"- closed-form variance of plain `score` at S = {samples}: {cf:.3e}.")
-        if not case.time_it:
-            print("- times are those of the p0 = 0.499 table (the same work; only the constant differs).")
-        for name, reason in refused.items():
-            print(f"- `{name}` does not fit: {reason}")
-            if reason.startswith("ERROR"):
-                notes.append(f"{case.title}: `{name}` {reason}")
+        notes += _notes(case, auto, refused, cfg)
         if exact.numel() > 1:
             print_per_entry(case, rows)
-
     print(f"\n(total {time.perf_counter() - t_start:.0f} s)")
-    if args.quick:
+    if cfg.quick:
         print("(--quick: too few rounds and runs for the numbers to mean much)")
     for n in notes:
         print(f"engine error: {n}", file=sys.stderr)
