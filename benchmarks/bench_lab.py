@@ -63,16 +63,16 @@ def import_check() -> tuple[bool, str]:
 
 def split_times(lab) -> str:
     """Where one update's time goes (same work as a switch, timed piece by piece)."""
-    from storch_nb.notebook import plots
+    from storch_nb import experiments, figures
 
     story, spec = lab.story, lab.estimator_spec()
     t0 = time.perf_counter()
-    res = plots.run_chunked(story, spec, lab.samples, lab.runs, lab.seed)
-    curve = plots.variance_curve(story, spec, lab.samples, lab.runs, lab.seed, known=res)
+    res = experiments.run_chunked(story, spec, lab.samples, lab.runs, lab.seed)
+    curve = experiments.variance_curve(story, spec, lab.samples, lab.runs, lab.seed, known=res)
     t1 = time.perf_counter()
-    fig = plots.gradient_figure({spec: res}, [lab.controls["param"].value], lab.reference, {spec: curve})
+    fig = figures.gradient_figure({spec: res}, [lab.controls["param"].value], lab.reference, {spec: curve})
     t2 = time.perf_counter()
-    plots.figure_png(fig)
+    figures.figure_png(fig)
     t3 = time.perf_counter()
     return f"one update ({spec}): runs {1e3 * (t1 - t0):.0f} ms, figure {1e3 * (t2 - t1):.0f} ms, PNG {1e3 * (t3 - t2):.0f} ms"
 
@@ -121,7 +121,7 @@ def main() -> int:
 
     print("storch_nb lab latency: seed story, 100 samples x 200 runs, estimator switch -> new figure (PNG)")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; lab created in {created * 1e3:.0f} ms "
-          f"(estimator fit checks, reference, first draw)")
+          f"(what fits each site, from its distribution class; reference; first draw)")
     print()
     head = f"{'switch to':<12} {'n':>3} {'median ms':>10} {'min ms':>8} {'max ms':>8}"
     print(head)

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -13,6 +12,7 @@ from . import settings
 from .engine.result import Comparison, Result
 from .engine.run import Runner
 from .errors import EstimatorError, StoryError
+from .experiments import comparison
 from .graph import Graph
 from .story.parse import parse
 
@@ -170,8 +170,7 @@ class Story:
             results[est] = self.run(samples=samples, estimator=est, seed=seed, device=device, runs=runs,
                                     namespace=namespace, dtype=dtype)
         self.reset_state()
-        return Comparison(table=_comparison_rows(results, reference, runs), results=results, reference=reference,
-                          samples=samples, runs=runs)
+        return comparison(results, reference)
 
     def train(
         self,
@@ -206,29 +205,6 @@ class Story:
     def draw(self, ax: Any = None):
         """The graph as a matplotlib Figure: rectangles for deterministic steps,
         ellipses for stochastic ones (imports matplotlib on first use)."""
-        from .notebook.draw import draw_graph
+        from .figures import draw_graph
 
         return draw_graph(self.graph, ax=ax)
-
-
-def _comparison_rows(results: Mapping[str, Result], reference: Result | None, runs: int) -> list[dict]:
-    """One row per (estimator, parameter entry): mean, std, variance, bias, seconds."""
-    table: list[dict] = []
-    for est, res in results.items():
-        for name, g in res.grads.items():
-            g = g.detach().reshape(runs, -1).double().cpu()
-            ref = reference.grads[name].detach().reshape(-1).double().cpu() if reference is not None else None
-            for i in range(g.shape[1]):
-                col = g[:, i]
-                var = col.var(unbiased=True).item() if runs > 1 else float("nan")
-                table.append({
-                    "estimator": est,
-                    "param": name if g.shape[1] == 1 else f"{name}[{i}]",
-                    "mean": col.mean().item(),
-                    "std": math.sqrt(var) if var == var else float("nan"),
-                    "variance": var,
-                    "bias": (col.mean() - ref[i]).item() if ref is not None else None,
-                    "seconds": res.seconds,
-                })
-    return table
-

@@ -19,10 +19,10 @@ Which code blocks run (README.md and docs/*.md):
   are not checked.
 
 Besides: the README's option section is exactly what ``docs/readme_options.py``
-generates from the magic's docstring, the docstring lists exactly the options of
-the magic's parsers, every registered estimator is in the README's estimator
-table, the CI test command is where ``.ci/run`` looks for it, and local links
-resolve.
+generates from the option table (``storch_nb/notebook/options.py``), the table
+holds exactly the options of the magic's parsers, every registered estimator is
+in the README's estimator table, the CI test command is where ``.ci/run`` looks
+for it, and local links resolve.
 
 Run one file's blocks by hand: ``python tests/test_docs.py --run docs/lab.md``.
 """
@@ -251,33 +251,33 @@ def test_every_doc_has_runnable_examples():
 
 def test_readme_option_section_is_generated():
     """README's section between the markers is what docs/readme_options.py writes now:
-    after changing the magic's docstring, run `python docs/readme_options.py`."""
+    after changing the option table (storch_nb/notebook/options.py), run `python docs/readme_options.py`."""
     text = README.read_text(encoding="utf-8")
     assert readme_options.readme_section(text) == readme_options.options_markdown(), (
         "README.md's %%storch option section is out of date: run python docs/readme_options.py"
     )
 
 
-def test_docstring_lists_exactly_the_parsers_options():
-    """The magic's docstring (the source of the README section) documents every option
+def test_option_table_lists_exactly_the_parsers_options():
+    """The option table (the source of the README section) documents every option
     of %%storch with its metavar, and no option the parser lacks; the same for %storch."""
-    groups, line_forms = readme_options.parse_docstring()
     documented = {}
-    for g in groups:
-        for o in g.options:
-            for usage in o.usage:
+    for _, options in readme_options.groups():
+        for usages, text in options:
+            assert text
+            for usage in usages:
                 opt, *meta = usage.split(maxsplit=1)
                 documented[opt] = meta[0] if meta else None
     cell, line = readme_options.parser_options()
     assert documented == cell
-    assert all(o.text for g in groups for o in g.options)
     # the line magic: its forms name only options %storch accepts, and each of them
     # (by its short or its long form)
-    named = {w for o in line_forms for w in re.findall(r"(?<!\S)--?[a-z]+\b", " ".join(o.usage + o.text))}
+    forms = readme_options.line_forms()
+    named = {w for usage, text in forms for w in re.findall(r"(?<!\S)--?[a-z]+\b", f"{usage} {text}")}
     accepted = {s for strings in line for s in strings}
-    assert named <= accepted, f"the docstring names %storch options it does not accept: {named - accepted}"
+    assert named <= accepted, f"the option table names %storch options it does not accept: {named - accepted}"
     unnamed = [strings for strings in line if not set(strings) & named]
-    assert not unnamed, f"the docstring does not name the %storch options {unnamed}"
+    assert not unnamed, f"the option table does not name the %storch options {unnamed}"
 
 
 def test_every_magic_option_is_in_the_readme():

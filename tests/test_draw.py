@@ -1,4 +1,4 @@
-"""Drawing the graph (``story.draw()``) and its DOT text (``story.graph.to_dot()``)."""
+"""Drawing the graph (``story.draw()``, ``storch_nb.figures.graph``) and its DOT text (``story.graph.to_dot()``)."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ from matplotlib.patches import Ellipse, FancyBboxPatch, Polygon, Rectangle  # no
 from matplotlib.text import Annotation  # noqa: E402
 
 import storch_nb as sn  # noqa: E402
-from storch_nb.notebook import draw as nbdraw  # noqa: E402
-from storch_nb.notebook.plots import figure_png  # noqa: E402
+from storch_nb.figures import figure_png  # noqa: E402
+from storch_nb.figures import graph as nbdraw  # noqa: E402
 
 LOOP_STORY = """\
 w = param(torch.zeros(3))
@@ -124,6 +124,14 @@ def test_no_pyplot_state():
     sn.Story(SEED_STORY).draw()
     if before is not None:
         assert sys.modules["matplotlib.pyplot"].get_fignums() == before
+
+
+def test_story_draw_is_the_figures_package():
+    from storch_nb import figures
+    from storch_nb.notebook import draw
+
+    assert draw.draw_graph is figures.draw_graph  # the old import path still works
+    assert isinstance(sn.Story(SEED_STORY).draw(), figures.StorchFigure)
 
 
 def test_to_dot():

@@ -170,6 +170,75 @@ def test_fitting_estimators_only():
     lab.close()
 
 
+class _Counting(sn.Story):
+    """A story that counts the calls of the methods that run it."""
+
+    calls: list
+
+    def run(self, *a, **k):
+        self.calls.append("run")
+        return super().run(*a, **k)
+
+    def exact(self, *a, **k):
+        self.calls.append("exact")
+        return super().exact(*a, **k)
+
+    def surrogate(self, *a, **k):
+        self.calls.append("surrogate")
+        return super().surrogate(*a, **k)
+
+
+def test_building_a_lab_runs_the_story_at_most_twice():
+    """What fits is decided from each site's distribution class: making a lab runs
+    the story no more than its first update does, plus at most two passes (the old
+    lab ran it once per site and estimator: 21 times on this two-site story)."""
+    passes = []
+
+    def tick(v):  # called by every pass of the story, however it is run
+        passes.append(1)
+        return v
+
+    ns = {"tick": tick}
+    story = _Counting(TWO_SITES.replace("x ~ Normal(m, 1)", "x ~ Normal(tick(m), 1)"))
+    story.calls = []
+    story.run(samples=2, namespace=ns)
+    per_pass = len(passes)
+    assert per_pass >= 1 and story.calls == ["run"]
+
+    story.calls, passes[:] = [], []
+    fits = nblab.fitting_estimators(story, ns)
+    assert len(story.calls) + len(passes) // per_pass <= 2
+    assert (story.calls, len(passes)) == ([], 0)  # measured: no pass at all
+    assert "pathwise" not in fits["b"] and "pathwise" in fits["x"]
+    assert {"arm", "disarm", "enumerate", "rebar"} <= set(fits["b"]) and "measure_valued" not in fits["b"]
+    assert {"lax", "measure_valued"} <= set(fits["x"]) and not {"arm", "enumerate", "gumbel"} & set(fits["x"])
+
+    # a whole lab: its fitting adds nothing to what its first update runs
+    counts = {}
+    for given in (["auto", "score"], None):
+        story.calls, passes[:] = [], []
+        lab = sn.lab(story, namespace=ns, runs=10, samples=3, estimators=given)
+        counts[given is None] = (len(story.calls), len(passes))
+        lab.close()
+    (calls_given, passes_given), (calls_fit, passes_fit) = counts[False], counts[True]
+    assert calls_fit - calls_given + (passes_fit - passes_given) // per_pass <= 2
+    assert (calls_fit, passes_fit) == (calls_given, passes_given)
+
+
+def test_fits_from_the_class_or_the_namespace_instance():
+    """A site written as a namespace distribution is checked on that instance; one
+    whose distribution the story computes lists every candidate (the run decides)."""
+    ns = {"prior": torch.distributions.Bernoulli(logits=torch.tensor(0.0)), "make": torch.distributions.Normal}
+    story = sn.Story("m = param(0.5)\nb ~ prior\nx ~ make(m, 1)\ny ~ D.Normal(m, 1)\ncost b + x + y\n")
+    fits = nblab.fitting_estimators(story, ns)
+    assert "pathwise" not in fits["b"] and {"arm", "enumerate"} <= set(fits["b"])
+    assert "pathwise" in fits["y"] and "arm" not in fits["y"]
+    assert "pathwise" in fits["x"]  # `make` is a namespace name: the class Normal
+    story = sn.Story("m = param(0.5)\nk = Normal\nx ~ k(m, 1)\ncost x\n")  # a class the story computes
+    everything = nblab.fitting_estimators(story, {})["x"]
+    assert {"pathwise", "arm", "enumerate"} <= set(everything)
+
+
 def test_error_shows_in_panel_and_panel_stays_usable():
     toy = sn.Story(bernoulli_text(0.0, 0.45))
     lab = sn.lab(toy, estimators=["rloo", "pathwise"])  # listed as given, unfiltered

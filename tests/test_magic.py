@@ -19,6 +19,7 @@ from traitlets.config import Config
 
 from storch_nb.notebook import display as nbdisplay
 from storch_nb.notebook import magic as nbmagic
+from storch_nb.notebook import options as nboptions
 
 SEED_TRUTH = {"a": 7.25, "b": 22.25, "c": 15.0}
 
@@ -171,7 +172,7 @@ def test_split_options_unbalanced(line):
 
 
 def test_compare_list_splits_at_top_level_commas():
-    assert nbmagic._compare_type("pathwise, score(baseline='rloo', n=4) ,rloo") == [
+    assert nboptions.option("compare").convert("pathwise, score(baseline='rloo', n=4) ,rloo") == [
         "pathwise",
         "score(baseline='rloo', n=4)",
         "rloo",

@@ -35,12 +35,15 @@ class _Antithetic(Estimator):
     joint_variants = True
     higher_order = False  # first-order surrogate: second derivatives are refused
 
-    def fits(self, dist: Distribution) -> str | None:
-        if not isinstance(dist, Bernoulli):
+    def fits_class(self, cls: type) -> str | None:
+        if not issubclass(cls, Bernoulli):
             return "it works for Bernoulli sites only"
         if self.n is not None:
             return "option n does not apply (the antithetic pair is its own plate)"
         return None
+
+    def fits(self, dist: Distribution) -> str | None:
+        return self.fits_class(type(dist))
 
     def plate_size(self, dist: Distribution) -> int:
         return 2

@@ -150,12 +150,15 @@ class _Relaxed(_Learned):
         if not isinstance(o["loo"], bool):
             raise EstimatorError(f"{name}: loo must be True or False, not {o['loo']!r}", hint=example)
 
-    def fits(self, dist: Distribution) -> str | None:
-        if not isinstance(dist, Bernoulli):
+    def fits_class(self, cls: type) -> str | None:
+        if not issubclass(cls, Bernoulli):
             return "it works for Bernoulli sites only"
         if self.n is not None:
             return "option n does not apply (the relaxations are its own plate)"
         return None
+
+    def fits(self, dist: Distribution) -> str | None:
+        return self.fits_class(type(dist))
 
     def plate_size(self, dist: Distribution) -> int:
         return 3
@@ -353,7 +356,10 @@ class LAX(_Learned):
         if not isinstance(lr, (int, float)) or isinstance(lr, bool) or lr < 0:
             raise EstimatorError(f"lr must be a number >= 0, not {lr!r}")
 
-    def fits(self, dist: Distribution) -> str | None:
+    def fits_class(self, cls: type) -> str | None:
+        return self.fits(cls)  # has_rsample is a class attribute (a property only where the class cannot tell)
+
+    def fits(self, dist: Distribution | type) -> str | None:
         if not dist.has_rsample:
             return "it needs a continuous site with a reparameterized sampler (rsample); for Bernoulli sites use relax"
         if self.n is not None:

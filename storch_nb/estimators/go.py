@@ -58,11 +58,17 @@ class GO(Estimator):
 
     plated = True
 
-    def fits(self, dist: Distribution) -> str | None:
-        if not isinstance(dist, _CONTINUOUS + _DISCRETE):
+    def fits_class(self, cls: type) -> str | None:
+        if not issubclass(cls, _CONTINUOUS + _DISCRETE):
             return "it works for Gamma, Chi2, Beta, Exponential, Poisson, Geometric and Binomial sites only"
         if self.n is not None:
             return "option n does not apply (the site's variants are its own plate)"
+        return None
+
+    def fits(self, dist: Distribution) -> str | None:
+        reason = self.fits_class(type(dist))
+        if reason is not None:
+            return reason
         if isinstance(dist, _DISCRETE) and not own_rank_fits(dist.batch_shape):
             return OWN_RANK_REASON
         return None

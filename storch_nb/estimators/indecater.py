@@ -128,11 +128,17 @@ class IndeCateR(Estimator):
 
     plated = True
 
-    def fits(self, dist: Distribution) -> str | None:
-        if not isinstance(dist, (Categorical, OneHotCategorical, Bernoulli)):
+    def fits_class(self, cls: type) -> str | None:
+        if not issubclass(cls, (Categorical, OneHotCategorical, Bernoulli)):
             return "it works for Categorical, OneHotCategorical and Bernoulli sites (independent categoricals) only"
         if self.n is not None:
             return "option n does not apply (the N*K variants are its own plate)"
+        return None
+
+    def fits(self, dist: Distribution) -> str | None:
+        reason = self.fits_class(type(dist))
+        if reason is not None:
+            return reason
         if not own_rank_fits(dist.batch_shape):
             return OWN_RANK_REASON
         return None

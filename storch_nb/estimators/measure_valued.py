@@ -54,11 +54,17 @@ class MeasureValued(Estimator):
 
     plated = True
 
-    def fits(self, dist: Distribution) -> str | None:
-        if not isinstance(dist, Normal):
+    def fits_class(self, cls: type) -> str | None:
+        if not issubclass(cls, Normal):
             return "it works for Normal sites only"
         if self.n is not None:
             return "option n does not apply (the coupled points are its own plate)"
+        return None
+
+    def fits(self, dist: Distribution) -> str | None:
+        reason = self.fits_class(type(dist))
+        if reason is not None:
+            return reason
         if not own_rank_fits(dist.batch_shape):
             return OWN_RANK_REASON
         return None

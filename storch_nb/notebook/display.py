@@ -1,6 +1,6 @@
 """What a ``%%storch`` cell shows: a compact table as HTML, with a text/plain twin.
 
-Both renderings are built from one intermediate table (``_Table``), so the HTML
+Both renderings are built from one intermediate table (``tables.Table``), so the HTML
 and the plain text always carry the same numbers. Numbers are shown with 4
 significant digits.
 
@@ -26,11 +26,25 @@ Public functions (all return ``str``):
 
 from __future__ import annotations
 
-import html
 import math
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
 from typing import Any
+
+from .tables import (
+    DASH,
+    MAX_ENTRIES,
+    Table,
+    dtype_name,
+    entry,
+    flat,
+    fmt,
+    fmt_seconds,
+    index_label,
+    numel,
+    render_html,
+    render_text,
+    shape_of,
+)
 
 __all__ = [
     "ComparisonView",
@@ -44,183 +58,6 @@ __all__ = [
     "training_html",
     "training_text",
 ]
-
-#: at most this many entries of one parameter get their own row
-MAX_ENTRIES = 10
-
-_DASH = "—"
-
-
-# ---------------------------------------------------------------------------
-# numbers
-# ---------------------------------------------------------------------------
-
-
-def fmt(x: Any, digits: int = 4) -> str:
-    """A number as text with ``digits`` significant digits; ``""`` for ``None``."""
-    if x is None:
-        return ""
-    if hasattr(x, "detach"):  # a tensor
-        t = x.detach()
-        if t.numel() == 1:
-            x = t.reshape(()).item()
-        else:
-            values = t.reshape(-1).tolist()
-            shown = ", ".join(fmt(v, digits) for v in values[:6])
-            return "[" + shown + (", …" if len(values) > 6 else "") + "]"
-    if isinstance(x, bool):
-        return str(x)
-    if isinstance(x, int):
-        return str(x)
-    try:
-        v = float(x)
-    except (TypeError, ValueError):
-        return str(x)
-    if math.isnan(v):
-        return "nan"
-    if math.isinf(v):
-        return "inf" if v > 0 else "-inf"
-    s = f"{v:.{digits}g}"
-    if s in ("-0", "-0.0"):
-        s = "0"
-    return s
-
-
-def fmt_seconds(seconds: Any) -> str:
-    """Time taken, e.g. ``3.21 ms`` or ``1.234 s``."""
-    if seconds is None:
-        return ""
-    s = float(seconds)
-    if s < 1e-3:
-        return f"{s * 1e6:.3g} µs"
-    if s < 1.0:
-        return f"{s * 1e3:.3g} ms"
-    return f"{s:.4g} s"
-
-
-def _dtype_name(dtype: Any) -> str:
-    if dtype is None:
-        return ""
-    return str(dtype).replace("torch.", "")
-
-
-def _flat(x: Any) -> list[float] | None:
-    """A tensor / number / sequence as a flat list of floats (``None`` stays ``None``)."""
-    if x is None:
-        return None
-    if hasattr(x, "detach"):
-        return [float(v) for v in x.detach().reshape(-1).double().tolist()]
-    if isinstance(x, (list, tuple)):
-        out: list[float] = []
-        for v in x:
-            sub = _flat(v)
-            out.extend(sub if sub is not None else [math.nan])
-        return out
-    return [float(x)]
-
-
-def _entry(values: list[float] | None, i: int) -> float | None:
-    if values is None or not values:
-        return None
-    if len(values) == 1:
-        return values[0]
-    return values[i] if i < len(values) else None
-
-
-def _shape(x: Any) -> tuple[int, ...]:
-    if hasattr(x, "shape"):
-        return tuple(int(s) for s in x.shape)
-    return ()
-
-
-def _index_label(flat_index: int, shape: Sequence[int]) -> str:
-    """``[i, j]`` for a flat index into ``shape`` (``""`` for a scalar)."""
-    if not shape:
-        return ""
-    idx = []
-    rest = flat_index
-    for size in reversed(shape):
-        idx.append(rest % size if size else 0)
-        rest = rest // size if size else 0
-    return "[" + ", ".join(str(i) for i in reversed(idx)) + "]"
-
-
-def _numel(shape: Sequence[int]) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
-
-
-# ---------------------------------------------------------------------------
-# the intermediate table and its two renderings
-# ---------------------------------------------------------------------------
-
-
-@dataclass
-class _Table:
-    header: list[str]
-    rows: list[list[str]]
-    #: lines shown above the table (what was run)
-    caption: str = ""
-    #: lines shown below the table (estimators used, notes)
-    notes: list[str] = field(default_factory=list)
-    #: how many leading columns are labels (left aligned); the rest are numbers
-    label_cols: int = 1
-
-
-def _render_text(t: _Table) -> str:
-    ncol = len(t.header)
-    rows = [t.header] + t.rows
-    widths = [max(len(r[c]) for r in rows) for c in range(ncol)]
-    lines = []
-    if t.caption:
-        lines.append(t.caption)
-    for k, r in enumerate(rows):
-        cells = []
-        for c in range(ncol):
-            if c < t.label_cols:
-                cells.append(r[c].ljust(widths[c]))
-            else:
-                cells.append(r[c].rjust(widths[c]))
-        lines.append("  ".join(cells).rstrip())
-        if k == 0:
-            lines.append("  ".join("-" * w for w in widths))
-    lines.extend(t.notes)
-    return "\n".join(lines)
-
-
-_TD = "padding:1px 8px;"
-
-
-def _render_html(t: _Table) -> str:
-    e = html.escape
-    parts = ['<div class="storch-nb">']
-    parts.append(
-        '<table class="storch-nb-table" style="border-collapse:collapse;font-variant-numeric:tabular-nums;margin:0">'
-    )
-    if t.caption:
-        parts.append(f'<caption style="text-align:left;caption-side:top;font-size:90%">{e(t.caption)}</caption>')
-    parts.append("<thead><tr>")
-    for c, h in enumerate(t.header):
-        align = "left" if c < t.label_cols else "right"
-        parts.append(f'<th style="text-align:{align};{_TD}">{e(h)}</th>')
-    parts.append("</tr></thead><tbody>")
-    for r in t.rows:
-        parts.append("<tr>")
-        for c, cell in enumerate(r):
-            if c < t.label_cols:
-                inner = f"<code>{e(cell)}</code>" if cell else ""
-                parts.append(f'<td style="text-align:left;{_TD}">{inner}</td>')
-            else:
-                parts.append(f'<td style="text-align:right;{_TD}">{e(cell)}</td>')
-        parts.append("</tr>")
-    parts.append("</tbody></table>")
-    if t.notes:
-        notes = "<br>".join(e(n) for n in t.notes)
-        parts.append(f'<div style="font-size:90%;margin-top:2px">{notes}</div>')
-    parts.append("</div>")
-    return "".join(parts)
 
 
 # ---------------------------------------------------------------------------
@@ -250,105 +87,101 @@ def _stderr_of(res: Any, name: str) -> Any:
         return None
 
 
-def _result_table(
-    res: Any,
-    exact: Any = None,
-    grads: Sequence[str] | None = None,
-    notes: Sequence[str] = (),
-) -> _Table:
+def _param_names(res: Any) -> list[str]:
+    """The parameters of a result: its ``params`` first, then any other gradient."""
+    names = list(getattr(res, "params", {}) or {})
+    names += [name for name in getattr(res, "grads", {}) or {} if name not in names]
+    return names
+
+
+def _cost_row(res: Any, exact: Any, runs: int) -> list[str]:
+    cost_se = getattr(res, "cost_stderr", None)
+    row = ["E[cost]", "", fmt(getattr(res, "cost", None)), fmt(cost_se)]
+    if runs > 1:
+        row.append(fmt(cost_se * math.sqrt(runs)) if cost_se is not None else "")
+    if exact is not None:
+        row.append(fmt(getattr(exact, "cost", None)))
+    return row
+
+
+def _grad_stats(res: Any, name: str, many: bool) -> tuple[Any, Any, Any, tuple[int, ...]]:
+    """(mean, standard error, std over runs, shape) of one parameter's gradient estimate."""
+    g = res.grads[name]
+    se = _stderr_of(res, name)
+    if many and hasattr(g, "detach") and g.dim() >= 1:
+        gd = g.detach().double()
+        mean = gd.mean(0)
+        std = gd.std(0) if gd.shape[0] > 1 else None
+        if se is None and std is not None:
+            se = std / math.sqrt(gd.shape[0])
+        return mean, se, std, shape_of(mean)
+    return g, se, None, shape_of(g)
+
+
+def _param_rows(res: Any, name: str, exact: Any, many: bool) -> tuple[list[list[str]], list[str]]:
+    """The rows of one parameter (one per entry, at most MAX_ENTRIES) and a note on the rest."""
+    mean, se, std, shape = _grad_stats(res, name, many)
+    value = (getattr(res, "params", {}) or {}).get(name)
+    if value is not None and shape_of(value):
+        shape = shape_of(value)
+    means, ses, stds, values = flat(mean), flat(se), flat(std), flat(value)
+    ex = flat((getattr(exact, "grads", {}) or {}).get(name)) if exact is not None else None
+    n = numel(shape)
+    rows = []
+    for i in range(min(n, MAX_ENTRIES)):
+        row = [f"∂E/∂{name}{index_label(i, shape)}", fmt(entry(values, i)), fmt(entry(means, i)), fmt(entry(ses, i))]
+        if many:
+            row.append(fmt(entry(stds, i)))
+        if exact is not None:
+            row.append(fmt(entry(ex, i)))
+        rows.append(row)
+    if n <= MAX_ENTRIES:
+        return rows, []
+    dims = "×".join(str(s) for s in shape)
+    return rows, [f"{name}: {n - MAX_ENTRIES} more entries not shown (shape {dims}); use --out NAME to get them all"]
+
+
+def _result_caption(res: Any, runs: int) -> str:
+    bits = [f"{getattr(res, 'samples', '?')} samples × {runs} run{'s' if runs > 1 else ''}"]
+    if getattr(res, "device", None):
+        bits.append(str(res.device))
+    if getattr(res, "dtype", None) is not None:
+        bits.append(dtype_name(res.dtype))
+    if getattr(res, "seconds", None) is not None:
+        bits.append(fmt_seconds(res.seconds))
+    caption = "storch: " + " · ".join(bits)
+    if runs > 1:
+        caption += f" (estimate = mean over {runs} runs)"
+    return caption
+
+
+def _result_table(res: Any, exact: Any = None, grads: Sequence[str] | None = None, notes: Sequence[str] = ()) -> Table:
     runs = int(getattr(res, "runs", 1) or 1)
     many = runs > 1
-    param_names = list(getattr(res, "params", {}) or {})
-    for name in getattr(res, "grads", {}) or {}:
-        if name not in param_names:
-            param_names.append(name)
-    names = _pick_names(param_names, grads)
-
     header = ["", "value", "mean estimate" if many else "estimate", "± s.e."]
     if many:
         header.append("std over runs")
     if exact is not None:
         header.append("exact")
-
-    rows: list[list[str]] = []
+    rows = [_cost_row(res, exact, runs)]
     more: list[str] = []
-
-    # the cost
-    cost_se = getattr(res, "cost_stderr", None)
-    row = ["E[cost]", "", fmt(getattr(res, "cost", None)), fmt(cost_se)]
-    if many:
-        row.append(fmt(cost_se * math.sqrt(runs)) if cost_se is not None else "")
-    if exact is not None:
-        row.append(fmt(getattr(exact, "cost", None)))
-    rows.append(row)
-
-    for name in names:
-        g = res.grads[name]
-        value = (getattr(res, "params", {}) or {}).get(name)
-        se = _stderr_of(res, name)
-        if many and hasattr(g, "detach") and g.dim() >= 1:
-            gd = g.detach().double()
-            mean = gd.mean(0)
-            std = gd.std(0) if gd.shape[0] > 1 else None
-            if se is None and std is not None:
-                se = std / math.sqrt(gd.shape[0])
-            shape = _shape(mean)
-        else:
-            mean, std = g, None
-            shape = _shape(g)
-        if value is not None and _shape(value):
-            shape = _shape(value)
-        means, ses, stds = _flat(mean), _flat(se), _flat(std)
-        values = _flat(value)
-        ex = None
-        if exact is not None:
-            ex = _flat((getattr(exact, "grads", {}) or {}).get(name))
-        n = _numel(shape)
-        for i in range(min(n, MAX_ENTRIES)):
-            label = f"∂E/∂{name}{_index_label(i, shape)}"
-            row = [label, fmt(_entry(values, i)), fmt(_entry(means, i)), fmt(_entry(ses, i))]
-            if many:
-                row.append(fmt(_entry(stds, i)))
-            if exact is not None:
-                row.append(fmt(_entry(ex, i)))
-            rows.append(row)
-        if n > MAX_ENTRIES:
-            dims = "×".join(str(s) for s in shape)
-            more.append(
-                f"{name}: {n - MAX_ENTRIES} more entries not shown (shape {dims}); use --out NAME to get them all"
-            )
-
-    what = f"{getattr(res, 'samples', '?')} samples × {runs} run{'s' if many else ''}"
-    bits = [what]
-    if getattr(res, "device", None):
-        bits.append(str(res.device))
-    if getattr(res, "dtype", None) is not None:
-        bits.append(_dtype_name(res.dtype))
-    if getattr(res, "seconds", None) is not None:
-        bits.append(fmt_seconds(res.seconds))
-    caption = "storch: " + " · ".join(bits)
-    if many:
-        caption += f" (estimate = mean over {runs} runs)"
-
-    out_notes = []
+    for name in _pick_names(_param_names(res), grads):
+        param_rows, note = _param_rows(res, name, exact, many)
+        rows += param_rows
+        more += note
     ests = getattr(res, "estimators", None) or {}
-    if ests:
-        out_notes.append("estimators: " + "; ".join(f"{k}: {v}" for k, v in ests.items()))
-    else:
-        out_notes.append("estimators: none (no stochastic sites)")
-    out_notes.extend(more)
-    out_notes.extend(notes)
-    return _Table(header=header, rows=rows, caption=caption, notes=out_notes)
+    used = "; ".join(f"{k}: {v}" for k, v in ests.items()) if ests else "none (no stochastic sites)"
+    return Table(header=header, rows=rows, caption=_result_caption(res, runs), notes=[f"estimators: {used}", *more, *notes])
 
 
 def result_html(res: Any, exact: Any = None, grads: Sequence[str] | None = None, notes: Sequence[str] = ()) -> str:
     """HTML table of a ``Result`` (and the exact reference ``exact`` if given)."""
-    return _render_html(_result_table(res, exact, grads, notes))
+    return render_html(_result_table(res, exact, grads, notes))
 
 
 def result_text(res: Any, exact: Any = None, grads: Sequence[str] | None = None, notes: Sequence[str] = ()) -> str:
     """The text/plain twin of :func:`result_html`."""
-    return _render_text(_result_table(res, exact, grads, notes))
+    return render_text(_result_table(res, exact, grads, notes))
 
 
 # ---------------------------------------------------------------------------
@@ -382,73 +215,67 @@ def _reference_grad(reference: Any, name: str) -> Any:
         return None
 
 
+def _comparison_rows(r: dict, name: str, reference: Any) -> list[list[str]]:
+    """The rows of one table row ``r`` (one per entry of its statistics, at most MAX_ENTRIES)."""
+    means, stds, variances, biases = (flat(r.get(k)) for k in ("mean", "std", "variance", "bias"))
+    ex = flat(_reference_grad(reference, name)) if reference is not None else None
+    n = max(len(means or [0]), 1)
+    shape: tuple[int, ...] = shape_of(r.get("mean"))
+    if numel(shape) != n:
+        shape = (n,) if n > 1 else ()
+    rows = []
+    for i in range(min(n, MAX_ENTRIES)):
+        row = [
+            str(r.get("estimator", "")),
+            f"{name}{index_label(i, shape)}",
+            fmt(entry(means, i)),
+            fmt(entry(stds, i)),
+            fmt(entry(variances, i)),
+            fmt(entry(biases, i)) if biases is not None else DASH,
+            fmt_seconds(r.get("seconds")),
+        ]
+        if reference is not None:
+            row.append(fmt(entry(ex, i)))
+        rows.append(row)
+    return rows
+
+
+def _comparison_caption(cmp: Any) -> str:
+    results = getattr(cmp, "results", None) or {}
+    first = next(iter(results.values()), None)
+    if first is None:
+        return "storch compare"
+    bits = [f"{getattr(first, 'samples', '?')} samples × {getattr(first, 'runs', '?')} runs per estimator"]
+    if getattr(first, "device", None):
+        bits.append(str(first.device))
+    if getattr(first, "dtype", None) is not None:
+        bits.append(dtype_name(first.dtype))
+    return "storch compare: " + " · ".join(bits)
+
+
 def _comparison_table(
     cmp: Any,
     grads: Sequence[str] | None = None,
     reference: Any = None,
     notes: Sequence[str] = (),
     reference_label: str = "exact",
-) -> _Table:
+) -> Table:
     if reference is None:
         reference = getattr(cmp, "reference", None)
     table = list(getattr(cmp, "table", []) or [])
-    params_seen: list[str] = []
-    for r in table:
-        if r.get("param") not in params_seen:
-            params_seen.append(r.get("param"))
+    params_seen = list(dict.fromkeys(r.get("param") for r in table))
     wanted = _pick_names(params_seen, _expand_entries(grads, params_seen))
-
     header = ["estimator", "param", "mean", "std", "variance", "bias", "time"]
     if reference is not None:
         header.append(reference_label)
-    rows: list[list[str]] = []
-    for name in wanted:
-        for r in table:
-            if r.get("param") != name:
-                continue
-            means = _flat(r.get("mean"))
-            stds = _flat(r.get("std"))
-            variances = _flat(r.get("variance"))
-            biases = _flat(r.get("bias"))
-            ex = None
-            if reference is not None:
-                ex = _flat(_reference_grad(reference, name))
-            n = max(len(means or [0]), 1)
-            shape: tuple[int, ...] = _shape(r.get("mean"))
-            if _numel(shape) != n:
-                shape = (n,) if n > 1 else ()
-            for i in range(min(n, MAX_ENTRIES)):
-                row = [
-                    str(r.get("estimator", "")),
-                    f"{name}{_index_label(i, shape)}",
-                    fmt(_entry(means, i)),
-                    fmt(_entry(stds, i)),
-                    fmt(_entry(variances, i)),
-                    fmt(_entry(biases, i)) if biases is not None else _DASH,
-                    fmt_seconds(r.get("seconds")),
-                ]
-                if reference is not None:
-                    row.append(fmt(_entry(ex, i)))
-                rows.append(row)
-
-    results = getattr(cmp, "results", None) or {}
-    first = next(iter(results.values()), None)
-    bits = []
-    if first is not None:
-        runs = getattr(first, "runs", "?")
-        bits.append(f"{getattr(first, 'samples', '?')} samples × {runs} runs per estimator")
-        if getattr(first, "device", None):
-            bits.append(str(first.device))
-        if getattr(first, "dtype", None) is not None:
-            bits.append(_dtype_name(first.dtype))
-    caption = "storch compare" + (": " + " · ".join(bits) if bits else "")
+    rows = [row for name in wanted for r in table if r.get("param") == name
+            for row in _comparison_rows(r, name, reference)]
     out_notes = [f"mean, std, variance: of one estimate (over runs); bias: mean − {reference_label}"]
     if reference is None:
         out_notes.append("no exact reference (the story is not enumerable): bias not known")
     else:
         out_notes.append(f"{reference_label} E[cost] = {fmt(getattr(reference, 'cost', None))}")
-    out_notes.extend(notes)
-    return _Table(header=header, rows=rows, caption=caption, notes=out_notes, label_cols=2)
+    return Table(header=header, rows=rows, caption=_comparison_caption(cmp), notes=[*out_notes, *notes], label_cols=2)
 
 
 def comparison_html(
@@ -460,7 +287,7 @@ def comparison_html(
 ) -> str:
     """HTML table of a ``Story.compare`` result. ``reference_label`` names the
     reference column (``"exact"``, or e.g. ``"reference"`` for a high-sample one)."""
-    return _render_html(_comparison_table(cmp, grads, reference, notes, reference_label))
+    return render_html(_comparison_table(cmp, grads, reference, notes, reference_label))
 
 
 def comparison_text(
@@ -471,7 +298,7 @@ def comparison_text(
     reference_label: str = "exact",
 ) -> str:
     """The text/plain twin of :func:`comparison_html`."""
-    return _render_text(_comparison_table(cmp, grads, reference, notes, reference_label))
+    return render_text(_comparison_table(cmp, grads, reference, notes, reference_label))
 
 
 # ---------------------------------------------------------------------------
@@ -479,7 +306,7 @@ def comparison_text(
 # ---------------------------------------------------------------------------
 
 
-def _training_table(histories: Any, notes: Sequence[str] = ()) -> _Table:
+def _training_table(histories: Any, notes: Sequence[str] = ()) -> Table:
     """One row per estimator: steps, first and final cost, final parameter values."""
     if not isinstance(histories, dict):
         histories = {getattr(histories, "estimator", "auto"): histories}
@@ -511,17 +338,17 @@ def _training_table(histories: Any, notes: Sequence[str] = ()) -> _Table:
         if getattr(h, "stopped", None):
             out_notes.append(f"{label}: {h.stopped}")
     out_notes.extend(notes)
-    return _Table(header=header, rows=rows, caption=caption, notes=out_notes)
+    return Table(header=header, rows=rows, caption=caption, notes=out_notes)
 
 
 def training_html(histories: Any, notes: Sequence[str] = ()) -> str:
     """HTML table of a training ``History`` (or a dict estimator -> History)."""
-    return _render_html(_training_table(histories, notes))
+    return render_html(_training_table(histories, notes))
 
 
 def training_text(histories: Any, notes: Sequence[str] = ()) -> str:
     """The text/plain twin of :func:`training_html`."""
-    return _render_text(_training_table(histories, notes))
+    return render_text(_training_table(histories, notes))
 
 
 # ---------------------------------------------------------------------------

@@ -46,12 +46,14 @@ panel stays usable: the next change runs again. ``lab.result`` and
 ``lab.figure`` keep the latest *successful* run. An error in the very first
 run (a story that does not run at all) is raised instead, as by ``Story.run``.
 
-Which estimators fit is found by trying each registered estimator (aliases
-left out) on each site once, with 2 samples, when the lab is made
-(``estimators=[...]`` shows a given list instead, unfiltered). Each run
-starts from fresh estimator state (``story.reset_state()``); the story's
-parameters are left alone. ``seed`` (default 0) makes the panel
-deterministic: the same settings show the same numbers.
+Which estimators fit each site is decided from the site's distribution class
+when the lab is made, without running the story (:mod:`.fitting`; every
+registered estimator, aliases left out; ``estimators=[...]`` shows a given
+list instead, unfiltered). Each run starts from fresh estimator state
+(``story.reset_state()``); the story's parameters are left alone. ``seed``
+(default 0) makes the panel deterministic: the same settings show the same
+numbers. The runs come from :mod:`storch_nb.experiments`, the pictures from
+:mod:`storch_nb.figures`.
 """
 
 from __future__ import annotations
@@ -59,94 +61,37 @@ from __future__ import annotations
 import html
 import math
 import time
-import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import ipywidgets as widgets
 
+from .. import experiments
 from ..errors import StoryError
 from ..estimators import estimators as registered_estimators
-from ..estimators import make_estimator
-from ..story.statements import Site
-from ..story.walk import walk
-from . import plots
+from ..figures.plots import gradient_figure
+from ..figures.render import figure_png
 from .display import comparison_html
+from .fitting import PREFERRED, canonical, fitting_estimators, site_targets
 
 __all__ = ["Lab", "LabPanel", "lab", "fitting_estimators", "FOLLOW", "PREFERRED"]
 
 #: the per-site choice that follows the main ``estimator`` dropdown
 FOLLOW = "default"
-#: estimators listed first, in this order (the rest follow alphabetically)
-PREFERRED = ("auto", "pathwise", "score", "rloo", "enumerate")
 #: an update with more draws than this shows the progress bar
 LONG_DRAWS = 500_000
 #: the samples slider: 10**0 .. 10**5
 SAMPLES_EXP = (0, 5)
+#: entries per parameter in the lab's table
+TABLE_ENTRIES = 10
+_STYLE = {"description_width": "initial"}
 
 
-def _site_targets(statements: Sequence[Any]) -> tuple[list[str], dict[str, str]]:
-    """The site variables without ``using`` (in order) and those with it (-> text)."""
-    free: list[str] = []
-    fixed: dict[str, str] = {}
-    for st in walk(statements):
-        if isinstance(st, Site):
-            if st.using:
-                fixed.setdefault(st.target, st.using)
-            elif st.target not in free:
-                free.append(st.target)
-    return [t for t in free if t not in fixed], fixed
-
-
-def _canonical(names: Sequence[str]) -> list[str]:
-    """Registered names without aliases (and without ones that need options), ordered."""
-    out = []
-    for n in names:
-        if n == "auto":
-            out.append(n)
-            continue
-        try:
-            est = make_estimator(n)
-        except StoryError:
-            continue
-        if est is not None and est.name == n:
-            out.append(n)
-    first = [n for n in PREFERRED if n in out]
-    return first + sorted(n for n in out if n not in first)
-
-
-def fitting_estimators(
-    story: Any,
-    namespace: Mapping[str, Any] | None = None,
-    candidates: Sequence[str] | None = None,
-    device: Any = "cpu",
-    dtype: Any = None,
-) -> dict[str, list[str]]:
-    """Site variable -> the candidate estimators that run on it (default: every
-    registered estimator, aliases left out), found by running the story once
-    per (site, estimator) with 2 samples, the other sites on ``auto``. Sites
-    with ``using`` are left out. If the story does not run at all (with
-    ``auto``), every candidate is listed: the lab then shows the error."""
-    names = _canonical(candidates if candidates is not None else registered_estimators())
-    sites, _ = _site_targets(story.program.statements)
-    out: dict[str, list[str]] = {}
-
-    def runs_with(spec: Any) -> bool:
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                story.run(samples=2, estimator=spec, seed=0, namespace=namespace, device=device, dtype=dtype)
-            return True
-        except Exception:  # an estimator that fails on a site does not fit it, whatever the reason
-            return False
-        finally:
-            story.reset_state()
-
-    if not runs_with("auto"):
-        return {s: list(names) for s in sites}
-    for s in sites:
-        out[s] = [n for n in names if n == "auto" or runs_with({"*": "auto", s: n})]
-    return out
+def _initial_choice(estimator: str | Mapping[str, str] | None) -> tuple[str, dict[str, str]]:
+    """The main dropdown's first value and the per-site ones, from ``estimator=``."""
+    if isinstance(estimator, Mapping):
+        return str(estimator.get("*", "auto")), {k: str(v) for k, v in estimator.items() if k != "*"}
+    return ("auto" if estimator is None else str(estimator)), {}
 
 
 class LabPanel(widgets.VBox):
@@ -172,7 +117,7 @@ class Lab:
     results : label -> Result of every estimator shown (main first).
     figure : the latest matplotlib Figure.
     curves : label -> {samples: {entry: variance}} of the variance plot.
-    reference : the :class:`~storch_nb.notebook.plots.Reference` (or None).
+    reference : the :class:`~storch_nb.experiments.Reference` (or None).
     error : the text of the error of the last update, or None.
     seconds : wall time of the last update (runs, figure and PNG).
     updates : how many updates ran.
@@ -209,69 +154,14 @@ class Lab:
         self._reference_done = False
         self._updating = False
 
-        sites, self.fixed_sites = _site_targets(story.program.statements)
-        if estimators is not None:
-            names = [str(e) for e in estimators]
-            self.fits = {s: list(names) for s in sites}
-            common = list(names)
-        else:
-            self.fits = fitting_estimators(story, namespace, device=device, dtype=dtype)
-            allnames = _canonical(registered_estimators())
-            common = [n for n in allnames if all(n in f for f in self.fits.values())]
-        main_value = "auto"
-        site_values: dict[str, str] = {}
-        if isinstance(estimator, Mapping):
-            main_value = str(estimator.get("*", "auto"))
-            site_values = {k: str(v) for k, v in estimator.items() if k != "*"}
-        elif estimator is not None:
-            main_value = str(estimator)
+        sites, self.fixed_sites = site_targets(story.program.statements)
+        common = self._fitting(sites, estimators)
+        main_value, site_values = _initial_choice(estimator)
         if main_value not in common:
             common = [main_value, *common]
-
-        style = {"description_width": "initial"}
-        c: dict[str, Any] = {}
-        c["estimator"] = widgets.Dropdown(options=common, value=main_value, description="estimator", style=style)
-        if len(sites) > 1:
-            for s in sites:
-                opts = [FOLLOW, *self.fits.get(s, [])]
-                v = site_values.get(s, FOLLOW)
-                if v not in opts:
-                    opts.append(v)
-                c[f"estimator:{s}"] = widgets.Dropdown(options=opts, value=v, description=f"site {s}", style=style)
-        hi = max(SAMPLES_EXP[1], math.ceil(math.log10(max(int(samples), 1))))
-        c["samples"] = widgets.FloatLogSlider(
-            value=float(samples), base=10, min=SAMPLES_EXP[0], max=hi, step=0.1, description="samples",
-            readout_format=".0f", continuous_update=False, style=style,
-        )
-        c["runs"] = widgets.BoundedIntText(value=max(2, int(runs)), min=2, max=1_000_000, description="runs",
-                                           style=style, layout=widgets.Layout(width="150px"))
-        c["param"] = widgets.Dropdown(options=[param] if param else [], value=param, description="param", style=style)
-        compare = [compare] if isinstance(compare, str) else list(compare)
-        cmp_options = list(common) + [e for e in compare if e not in common]
-        c["compare"] = widgets.SelectMultiple(options=cmp_options, value=tuple(compare), description="compare",
-                                              rows=min(6, max(2, len(cmp_options))), style=style)
-        c["progress"] = widgets.IntProgress(value=0, min=0, max=1, description="running", bar_style="info",
-                                            layout=widgets.Layout(visibility="hidden"))
-        c["status"] = widgets.HTML(value="")
-        c["plot"] = widgets.Image(format="png", layout=widgets.Layout(max_width="100%"))
-        c["table"] = widgets.HTML(value="")
-        c["output"] = widgets.VBox([c["plot"], c["table"]])
-        self.controls = c
-
-        notes = []
-        if self.fixed_sites:
-            notes.append("fixed by the story: " + ", ".join(f"{k} using {v}" for k, v in self.fixed_sites.items()))
-        site_row = [w for k, w in c.items() if k.startswith("estimator:")]
-        rows = [widgets.HBox([c["estimator"], *site_row[:3]])]
-        if len(site_row) > 3:
-            rows.append(widgets.HBox(site_row[3:]))
-        rows.append(widgets.HBox([c["samples"], c["runs"], c["param"]]))
-        rows.append(c["compare"])
-        if notes:
-            rows.append(widgets.HTML(value="<small>" + html.escape("; ".join(notes)) + "</small>"))
-        rows += [c["progress"], c["status"], c["output"]]
-        self.widget = LabPanel(rows)
-        for name, w in c.items():
+        self.controls = self._controls(sites, common, main_value, site_values, samples, runs, param, compare)
+        self.widget = LabPanel(self._rows())
+        for name, w in self.controls.items():
             if name in ("estimator", "samples", "runs", "param", "compare") or name.startswith("estimator:"):
                 w.observe(self._changed, names="value")
         self.update()
@@ -282,6 +172,62 @@ class Lab:
         self.widget.summary = f"storch lab: {n_sites} site{'s' if n_sites != 1 else ''}, " + (
             f"parameters {', '.join(self.result.grads)}" if self.result.grads else "no parameters"
         )
+
+    def _fitting(self, sites: list[str], estimators: Sequence[str] | None) -> list[str]:
+        """Fill ``self.fits`` (site -> the estimators its dropdown lists); return those
+        that fit every site (the main dropdown's)."""
+        if estimators is not None:
+            names = [str(e) for e in estimators]
+            self.fits = {s: list(names) for s in sites}
+            return list(names)
+        self.fits = fitting_estimators(self.story, self.namespace, device=self.device, dtype=self.dtype)
+        return [n for n in canonical(registered_estimators()) if all(n in f for f in self.fits.values())]
+
+    def _controls(self, sites: list[str], common: list[str], main_value: str, site_values: dict[str, str],
+                  samples: int, runs: int, param: str | None, compare: Sequence[str] | str) -> dict[str, Any]:
+        """The widgets by name (see the module docstring)."""
+        c: dict[str, Any] = {}
+        c["estimator"] = widgets.Dropdown(options=common, value=main_value, description="estimator", style=_STYLE)
+        if len(sites) > 1:
+            for s in sites:
+                opts = [FOLLOW, *self.fits.get(s, [])]
+                v = site_values.get(s, FOLLOW)
+                if v not in opts:
+                    opts.append(v)
+                c[f"estimator:{s}"] = widgets.Dropdown(options=opts, value=v, description=f"site {s}", style=_STYLE)
+        hi = max(SAMPLES_EXP[1], math.ceil(math.log10(max(int(samples), 1))))
+        c["samples"] = widgets.FloatLogSlider(
+            value=float(samples), base=10, min=SAMPLES_EXP[0], max=hi, step=0.1, description="samples",
+            readout_format=".0f", continuous_update=False, style=_STYLE,
+        )
+        c["runs"] = widgets.BoundedIntText(value=max(2, int(runs)), min=2, max=1_000_000, description="runs",
+                                           style=_STYLE, layout=widgets.Layout(width="150px"))
+        c["param"] = widgets.Dropdown(options=[param] if param else [], value=param, description="param", style=_STYLE)
+        compare = [compare] if isinstance(compare, str) else list(compare)
+        cmp_options = list(common) + [e for e in compare if e not in common]
+        c["compare"] = widgets.SelectMultiple(options=cmp_options, value=tuple(compare), description="compare",
+                                              rows=min(6, max(2, len(cmp_options))), style=_STYLE)
+        c["progress"] = widgets.IntProgress(value=0, min=0, max=1, description="running", bar_style="info",
+                                            layout=widgets.Layout(visibility="hidden"))
+        c["status"] = widgets.HTML(value="")
+        c["plot"] = widgets.Image(format="png", layout=widgets.Layout(max_width="100%"))
+        c["table"] = widgets.HTML(value="")
+        c["output"] = widgets.VBox([c["plot"], c["table"]])
+        return c
+
+    def _rows(self) -> list[Any]:
+        """The panel's rows: estimator dropdowns, sliders, comparison, notes, output."""
+        c = self.controls
+        site_row = [w for k, w in c.items() if k.startswith("estimator:")]
+        rows = [widgets.HBox([c["estimator"], *site_row[:3]])]
+        if len(site_row) > 3:
+            rows.append(widgets.HBox(site_row[3:]))
+        rows.append(widgets.HBox([c["samples"], c["runs"], c["param"]]))
+        rows.append(c["compare"])
+        if self.fixed_sites:
+            fixed = "fixed by the story: " + ", ".join(f"{k} using {v}" for k, v in self.fixed_sites.items())
+            rows.append(widgets.HTML(value="<small>" + html.escape(fixed) + "</small>"))
+        return [*rows, c["progress"], c["status"], c["output"]]
 
     # ------------------------------------------------------------ notebook
     def _repr_mimebundle_(self, include: Any = None, exclude: Any = None) -> Any:
@@ -319,8 +265,8 @@ class Lab:
     def reference(self) -> Any:
         """The reference gradient (exact, or high-sample), computed once."""
         if not self._reference_done:
-            self._reference = plots.reference(self.story, self.namespace, seed=self.seed, device=self.device,
-                                              dtype=self.dtype)
+            self._reference = experiments.reference(self.story, self.namespace, seed=self.seed, device=self.device,
+                                                    dtype=self.dtype)
             self._reference_done = True
         return self._reference
 
@@ -338,54 +284,9 @@ class Lab:
         c = self.controls
         progress = c["progress"]
         try:
-            spec = self.estimator_spec()
             samples, runs = self.samples, self.runs
-            grid = plots.sample_grid(samples)
-            specs: list[Any] = [spec]
-            for e in c["compare"].value:
-                if e != spec and e not in specs:
-                    specs.append(e)
-            per_spec = plots.n_chunks(samples, runs) + len(grid) - 1
-            progress.max = max(1, per_spec * len(specs))
-            progress.value = 0
-            draws = samples * runs * len(specs) * 2
-            if draws >= LONG_DRAWS:
-                progress.layout.visibility = "visible"
-
-            def tick() -> None:
-                progress.value = min(progress.max, progress.value + 1)
-
-            results: dict[str, Any] = {}
-            curves: dict[str, Any] = {}
-            skipped: list[str] = []
-            for i, sp in enumerate(specs):
-                try:
-                    res = plots.run_chunked(self.story, sp, samples, runs, self.seed, self.namespace, self.device,
-                                            self.dtype, tick=tick)
-                except StoryError as err:
-                    if i == 0:
-                        raise
-                    skipped.append(f"{sp}: {err.message}")
-                    continue
-                label = plots.estimator_label(sp, res)
-                results[label] = res
-                curves[label] = plots.variance_curve(self.story, sp, samples, runs, self.seed, self.namespace,
-                                                     self.device, self.dtype, known=res, tick=tick)
-            ref = self.reference
-            main = next(iter(results.values()))
-            labels = list(plots.entries(main))
-            self._set_params(labels)
-            chosen = c["param"].value
-            fig = plots.gradient_figure(results, [chosen] if chosen else labels[:1], ref, curves)
-            png = plots.figure_png(fig)
-            table = plots.summary(results, ref)
-            notes = [ref.label] if ref is not None and not ref.exact else []
-            c["table"].value = comparison_html(table, reference=ref.result if ref is not None else None, notes=notes,
-                                               reference_label="exact" if ref is None or ref.exact else "reference")
-            c["plot"].value = png
-            c["output"].layout.display = None
-            self.result, self.results, self.curves, self.figure = main, results, curves, fig
-            self.error, self.exception = None, None
+            results, curves, skipped = self._run(self._specs(), samples, runs)
+            self._draw(results, curves)
             self.seconds = time.perf_counter() - t0
             what = " vs ".join(results)
             msg = f"{html.escape(what)} · {samples:,} samples × {runs:,} runs · {self.seconds * 1e3:.0f} ms"
@@ -407,6 +308,65 @@ class Lab:
             self.updates += 1
             self._updating = False
 
+    def _specs(self) -> list[Any]:
+        """The estimator choices shown: the main one, then those to compare."""
+        spec = self.estimator_spec()
+        specs: list[Any] = [spec]
+        for e in self.controls["compare"].value:
+            if e != spec and e not in specs:
+                specs.append(e)
+        return specs
+
+    def _run(self, specs: list[Any], samples: int, runs: int) -> tuple[dict[str, Any], dict[str, Any], list[str]]:
+        """Per estimator choice its runs and variance curve (label -> ...), and the
+        choices left out with their errors (an error of the main one is raised)."""
+        progress = self.controls["progress"]
+        per_spec = experiments.n_chunks(samples, runs) + len(experiments.sample_grid(samples)) - 1
+        progress.max = max(1, per_spec * len(specs))
+        progress.value = 0
+        if samples * runs * len(specs) * 2 >= LONG_DRAWS:
+            progress.layout.visibility = "visible"
+
+        def tick() -> None:
+            progress.value = min(progress.max, progress.value + 1)
+
+        where = (self.namespace, self.device, self.dtype)
+        results: dict[str, Any] = {}
+        curves: dict[str, Any] = {}
+        skipped: list[str] = []
+        for i, sp in enumerate(specs):
+            try:
+                res = experiments.run_chunked(self.story, sp, samples, runs, self.seed, *where, tick=tick)
+            except StoryError as err:
+                if i == 0:
+                    raise
+                skipped.append(f"{sp}: {err.message}")
+                continue
+            label = experiments.estimator_label(sp, res)
+            results[label] = res
+            curves[label] = experiments.variance_curve(self.story, sp, samples, runs, self.seed, *where, known=res,
+                                                       tick=tick)
+        return results, curves, skipped
+
+    def _draw(self, results: dict[str, Any], curves: dict[str, Any]) -> None:
+        """The figure and the table of ``results``; the lab's latest state."""
+        c = self.controls
+        ref = self.reference
+        main = next(iter(results.values()))
+        labels = list(experiments.entries(main))
+        self._set_params(labels)
+        chosen = c["param"].value
+        fig = gradient_figure(results, [chosen] if chosen else labels[:1], ref, curves)
+        png = figure_png(fig)
+        table = experiments.comparison(results, ref.result if ref is not None else None, max_entries=TABLE_ENTRIES)
+        notes = [ref.label] if ref is not None and not ref.exact else []
+        c["table"].value = comparison_html(table, reference=ref.result if ref is not None else None, notes=notes,
+                                           reference_label="exact" if ref is None or ref.exact else "reference")
+        c["plot"].value = png
+        c["output"].layout.display = None
+        self.result, self.results, self.curves, self.figure = main, results, curves, fig
+        self.error, self.exception = None, None
+
     def _first_choice(self, labels: list[str]) -> str | None:
         """The entry shown first: the first parameter upstream of a stochastic
         site (its gradient is what the estimators disagree on), else the first."""
@@ -415,7 +375,7 @@ class Lab:
             upstream: set[str] = set()
             for node in graph.of_kind("stochastic"):
                 upstream |= graph.ancestors(node.name)
-        except Exception:  # the graph is a nicety here
+        except StoryError:  # the graph is a nicety here
             upstream = set()
         for label in labels:
             if label.split("[", 1)[0].split(".", 1)[0] in upstream:
