@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from typing import Any
 
 import torch
@@ -126,12 +126,12 @@ class EstimatorSpec:
     default: str = "auto"
     per_site: Mapping[str, str] = field(default_factory=dict)
 
-    @property
+    @cached_property
     def key(self) -> tuple:
         """A hashable form, for caches."""
         return (self.default, tuple(sorted(self.per_site.items())))
 
-    @property
+    @cached_property
     def learns_cv(self) -> bool:
         """Whether an estimator named here learns a control variate (RELAX, REBAR, LAX)."""
         return _texts_learn_cv((self.default, *self.per_site.values()))
@@ -151,6 +151,9 @@ def _texts_learn_cv(texts: tuple[str, ...]) -> bool:
     return any(getattr(make_estimator(text), "trainable", False) for text in texts)
 
 
+_TEXT_SPECS: dict[str, EstimatorSpec] = {}  # one spec per estimator text (they are immutable)
+
+
 def estimator_spec(estimator: Any) -> EstimatorSpec:
     """The :class:`EstimatorSpec` of an ``estimator=`` value: None, a text, a mapping
     from site name to text (``"*"``: every other site), or a spec."""
@@ -159,10 +162,15 @@ def estimator_spec(estimator: Any) -> EstimatorSpec:
     if isinstance(estimator, EstimatorSpec):
         return estimator
     if estimator is None:
-        return EstimatorSpec()
+        estimator = "auto"
     if isinstance(estimator, str):
-        parse_spec(estimator)  # checked now, with a clear error
-        return EstimatorSpec(estimator)
+        spec = _TEXT_SPECS.get(estimator)
+        if spec is None:
+            parse_spec(estimator)  # checked now, with a clear error
+            if len(_TEXT_SPECS) > 256:
+                _TEXT_SPECS.clear()
+            spec = _TEXT_SPECS[estimator] = EstimatorSpec(estimator)
+        return spec
     if isinstance(estimator, Mapping):
         per = {}
         for k, v in estimator.items():

@@ -19,7 +19,7 @@ from torch.distributions import Distribution, constraints
 
 from ..errors import StoryError
 
-__all__ = ["check_arguments", "describe", "random_call"]
+__all__ = ["check_arguments", "constrained", "describe", "random_call"]
 
 # constraints that only say "a number" (NaN is reported by the finiteness check of the result)
 _TRIVIAL = (constraints.real, constraints.real_vector)
@@ -77,7 +77,7 @@ def check_arguments(dist: Distribution, skip: frozenset[str] | set[str] = frozen
     distribution holds, after its own normalisation), except those in ``skip``
     (given as Python numbers and checked on an earlier pass)."""
     held = dist.__dict__
-    for name, c in _constrained(type(dist)):
+    for name, c in constrained(type(dist)):
         if name not in held or name in skip:
             continue
         value = held[name]
@@ -111,7 +111,7 @@ def _hint(name: str, c: Any) -> str:
 _CONSTRAINED: dict[type, tuple[tuple[str, Any], ...]] = {}
 
 
-def _constrained(cls: type) -> tuple[tuple[str, Any], ...]:
+def constrained(cls: type) -> tuple[tuple[str, Any], ...]:
     """The arguments of a distribution class whose constraint says more than "a
     number" (cached per class)."""
     got = _CONSTRAINED.get(cls)

@@ -14,7 +14,7 @@ from torch.distributions import Distribution
 from ..errors import StoryError
 from ..estimators import Estimator
 from ..story.statements import Expr
-from .checks import check_arguments
+from .checks import check_arguments, constrained
 from .plates import AVERAGE, Data
 from .vectorize import Compiled
 
@@ -136,6 +136,7 @@ class SiteOp:
     plates: frozenset[int] = frozenset()  # the data plates the site is inside (their batch dims)
     cols: tuple[tuple[str | int, int], ...] = ()  # argument (position or name) -> its column, for carets
     checked: dict = field(default_factory=dict)
+    unchecked: bool = False  # every constrained argument is a Python number, checked on the first pass
     numbers: dict = field(default_factory=dict, repr=False)
 
     def build(self, ex) -> Distribution:
@@ -180,8 +181,13 @@ class SiteOp:
                 hint=f"see help(torch.distributions.{cls.__name__}) for its arguments and their constraints",
             ) from None
         # arguments are checked on every pass (a scale trained below zero stops at that step);
-        # those given as Python numbers only on the plan's first
-        self.check(d, () if ex.validate else numbers, cls)
+        # those given as Python numbers only on the plan's first (a site whose constrained
+        # arguments are all numbers is not checked again at all)
+        if ex.validate:
+            self.check(d, (), cls)
+            self.unchecked = not _constrained_beyond(type(d), numbers, cls)
+        elif not self.unchecked:
+            self.check(d, numbers, cls)
         return d
 
     def check(self, d: Distribution, numbers, cls: Any = None) -> None:
@@ -369,3 +375,11 @@ def stack(v: torch.Tensor, r: int, dim: int, n: int) -> torch.Tensor:
     if v.shape[dim] != n:
         v = v.expand(v.shape[:dim] + (n,) + v.shape[dim + 1 :])
     return v.movedim(dim, m - 1).unsqueeze(dim)
+
+
+def _constrained_beyond(dist_cls: type, numbers, cls: Any) -> bool:
+    """Whether a constrained argument of ``dist_cls`` was given as something other than
+    a Python number (``numbers``: the positions and names given as numbers)."""
+    names = dist_args(cls)[0] if cls is not None else ()
+    given = {names[i] if isinstance(i, int) and i < len(names) else i for i in numbers}
+    return any(name not in given for name, _ in constrained(dist_cls))

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from ..settings import seed as checked
+
 
 class Seeded:
     """Seed torch's CPU (and, for a CUDA device, that device's) generator for the
@@ -15,8 +17,6 @@ class Seeded:
     __slots__ = ("seed", "device", "cpu", "cuda")
 
     def __init__(self, seed: int | None, device: torch.device | None) -> None:
-        from ..settings import seed as checked
-
         self.seed = checked(seed)
         self.device = device
 
