@@ -646,3 +646,23 @@ def test_go_on_binomial_inside_plate_against_exact():
     truth = sn.Story(text.format(est="enumerate")).exact(namespace={"x": x}, dtype="float64").grads["t"]
     res = sn.Story(text.format(est="go")).run(samples=16, runs=3000, seed=0, namespace={"x": x}, dtype="float64")
     assert_within(res.mean_grads()["t"], truth, res.stderr["t"], atol=1e-9, what="go in a plate")
+
+
+@pytest.mark.parametrize("zest", ["disarm", "relax", "indecater", "score_wor(k=3)"])
+def test_baseline_upstream_of_a_plated_site_with_a_plate_after_it(zest):
+    """A score site (rloo baseline) upstream of a plated global site, then a plate whose
+    costs read both: the baseline is taken on the plated site's cost estimate over every
+    dim made after the score site (variants and datapoints), so the score site stays
+    unbiased whatever the variants' weights (score_wor's depend on its draw)."""
+    x = torch.tensor([0.5, -1.0, 2.0], dtype=F64)
+    cat = zest.startswith("score_wor")
+    v_dist = "Categorical(logits=W + g)" if cat else "Bernoulli(logits=W[0] + g)"
+    text = ("t = param(0.2)\nW = param(torch.tensor([0.1, -0.3, 0.4]))\ng ~ Bernoulli(logits=t) using {g}\n"
+            f"v ~ {v_dist} using {{v}}\nfor x_i in plate(x):\n    z ~ Bernoulli(logits=x_i + v) using {{g}}\n"
+            "    cost (z - x_i + g * v)**2\n")
+    truth = sn.Story(text.format(g="enumerate", v="enumerate")).exact(namespace={"x": x}, dtype="float64").grads
+    res = sn.Story(text.format(g="rloo", v=zest)).run(samples=8, runs=4000, seed=0, namespace={"x": x},
+                                                       dtype="float64")
+    assert_within(res.mean_grads()["t"], truth["t"], res.stderr["t"], atol=1e-9, what=f"d/dt with {zest}")
+    if cat:
+        assert_within(res.mean_grads()["W"], truth["W"], res.stderr["W"], atol=1e-9, what=f"d/dW with {zest}")

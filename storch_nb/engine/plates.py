@@ -75,6 +75,10 @@ class Plate:
     def reduce(self, term: torch.Tensor, dim: int, cost: CostView) -> torch.Tensor:
         return term.mean(dim)
 
+    def value(self, term: torch.Tensor, dim: int, sites: frozenset[str]) -> torch.Tensor:
+        """The value of the reduction alone (detached), for a cost upstream of ``sites``."""
+        return term.detach().mean(dim)
+
 
 class Average(Plate):
     """Runs, samples and ``n=K`` particles: the mean."""
@@ -87,6 +91,9 @@ class Enumerated(Plate):
 
     def reduce(self, term: torch.Tensor, dim: int, cost: CostView) -> torch.Tensor:
         return term.sum(dim)
+
+    def value(self, term: torch.Tensor, dim: int, sites: frozenset[str]) -> torch.Tensor:
+        return term.detach().sum(dim)
 
 
 AVERAGE = Average()
@@ -114,6 +121,11 @@ class Variants(Plate):
 
     def __init__(self, node: str, est: Any, aux: Any, site_plates: frozenset[int]) -> None:
         self.node, self.est, self.aux, self.site_plates = node, est, aux, site_plates
+
+    def value(self, term: torch.Tensor, dim: int, sites: frozenset[str]) -> torch.Tensor:
+        if self.node not in sites:
+            return term.detach().mean(dim)
+        return self.est.plate_value(term, dim, self.aux)
 
     def reduce(self, term: torch.Tensor, dim: int, cost: CostView) -> torch.Tensor:
         if self.node not in cost.sites:

@@ -96,26 +96,25 @@ def _baseline_state(state: dict, site, op, ex: Execution, keep: int) -> dict:
 
 def _signal(ex: Execution, op, c: torch.Tensor, site, enumerated: list) -> tuple[torch.Tensor, list, bool]:
     """The site's learning signal: the cost, summed over the enumerated outcomes
-    that do not come before the site (its expectation over them) and reduced over
-    the variants of the plated sites downstream of it (their cost estimate, whose
-    weights may depend on this site's draw: a baseline taken per variant would
-    then not be independent of it); the enumerated ancestors' weights; whether
-    any outcome was summed."""
+    that do not come before the site (its expectation over them); where a plated
+    site downstream of it evaluates variants, reduced to its value over every
+    batch dim that came after the site (a variant's weight may depend on this
+    site's draw: a baseline taken per variant would then not be independent of
+    it); the enumerated ancestors' weights; whether any outcome was summed."""
     anc = [w for u, w in enumerated if u.node in site.ancestors]
     rest = [(u, w) for u, w in enumerated if u.node not in site.ancestors]
     signal = c.detach()
     if rest:
         signal = signal * torch.exp(_sum([w for _, w in rest])).detach()
         signal = signal.sum(tuple(u.plate for u, _ in rest), keepdim=True)
-    k = c.dim() - op.fn.rank
-    for d in range(min(len(ex.plates), op.fn.rank) - 1, -1, -1):
-        plate = ex.plates[d]
-        if (isinstance(plate, Variants) and plate.node in op.sites and signal.shape[d] > 1
-                and site.node in ex.plan.site_ops[plate.node].ancestors):
-            own = signal.mean(tuple(range(signal.dim() - k, signal.dim()))) if k else signal
-            reduced = plate.est.reduce_plate(own, d, plate.aux).detach().unsqueeze(d)
-            signal = reduced.reshape(reduced.shape + (1,) * k)
-    return signal, anc, bool(rest)
+    r, k = op.fn.rank, c.dim() - op.fn.rank
+    later = range(r - 1, site.rank - 1, -1)  # the batch dims made after the site (its own kept)
+    if not any(isinstance(ex.plates[d], Variants) and signal.shape[d] > 1 for d in later if d < len(ex.plates)):
+        return signal, anc, bool(rest)
+    value = signal.mean(tuple(range(r, signal.dim()))) if k else signal  # a reduction sees the entries averaged
+    for d in later:  # the last first, as the surrogate reduces them (a plate sees the later dims gone)
+        value = ex.plates[d].value(value, d, op.site_set)
+    return value.reshape(value.shape + (1,) * (r - site.rank + k)), anc, bool(rest)
 
 
 def _add_baselines(ex: Execution, op, c, parts: _Parts, state: dict, keep: int, updates: list) -> list:

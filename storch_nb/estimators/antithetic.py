@@ -48,6 +48,9 @@ class _Antithetic(Estimator):
     def plate_size(self, dist: Distribution) -> int:
         return 2
 
+    def plate_value(self, term: torch.Tensor, dim: int, aux: Any) -> torch.Tensor:
+        return term.detach().mean(dim)  # the pair's mean cost
+
     def sample_variants(self, dist: Distribution, dim: int, size: int, state: dict) -> tuple[torch.Tensor, Any]:
         logits = dist.logits
         with torch.no_grad():

@@ -179,6 +179,12 @@ class Estimator:
         """
         raise NotImplementedError
 
+    def plate_value(self, term: torch.Tensor, dim: int, aux: Any) -> torch.Tensor:
+        """The value of :meth:`reduce_plate` alone (the cost estimate, detached):
+        what a scored site upstream of this one uses as its learning signal.
+        Override it where the value is cheaper than the whole reduction."""
+        return self.reduce_plate(term.detach(), dim, aux).detach()
+
     def cv_parameters(self, state: dict) -> list[torch.Tensor]:
         """Control-variate parameters to train (``trainable`` estimators)."""
         return []

@@ -270,6 +270,9 @@ class _Relaxed(_Learned):
         return value, {"theta": theta, "log_p": log_p, "z": z, "z_cond": z_cond, "lin": cv["lin"].clone(),
                        "state": state}
 
+    def plate_value(self, term: torch.Tensor, dim: int, aux: Any) -> torch.Tensor:
+        return plate_select(term, dim, 0).detach()  # the cost at the hard sample b
+
     def r(self, aux: dict, z: torch.Tensor, dim: int) -> torch.Tensor | None:
         return None
 
@@ -392,6 +395,9 @@ class LAX(_Learned):
         phi, state, own = aux["phi"], aux["state"], aux["own"]
         phi0, phi1, phi2 = (_per_run(phi[..., j], state, dim, own) for j in range(3))
         return site_sum(phi0 + phi1 * b + phi2 * b * b, dim)
+
+    def plate_value(self, term: torch.Tensor, dim: int, aux: Any) -> torch.Tensor:
+        return term.detach().squeeze(dim)  # the cost at the draw
 
     def reduce_plate(self, term: torch.Tensor, dim: int, aux: Any) -> torch.Tensor:
         f = term.squeeze(dim)

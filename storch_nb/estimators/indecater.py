@@ -177,6 +177,9 @@ class IndeCateR(Estimator):
             probs = dist.probs
         return value, (probs, idx, own, k)
 
+    def plate_value(self, term: torch.Tensor, dim: int, aux: Any) -> torch.Tensor:
+        return plate_select(term, dim, 0).detach()  # the cost at the sample itself (variant 0)
+
     def reduce_plate(self, term: torch.Tensor, dim: int, aux: Any) -> torch.Tensor:
         probs, idx, own, k = aux
         # f(x with x_i := k), live: the estimate of dE/dp_i(k)

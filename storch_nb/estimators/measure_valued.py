@@ -39,7 +39,7 @@ from typing import Any
 import torch
 from torch.distributions import Chi2, Distribution, Normal, Weibull
 
-from .base import Estimator, register_estimator
+from .base import Estimator, plate_select, register_estimator
 from .indecater import OWN_RANK_REASON, own_entries, own_rank_fits, own_shape, second_order_reduce
 
 __all__ = ["MeasureValued"]
@@ -92,6 +92,9 @@ class MeasureValued(Estimator):
             moved = torch.where(eye, points.reshape(batch + (n, 4, 1)), x.reshape(batch + (1, 1, n)))
             value = torch.cat([x, moved.reshape(batch + (4 * n,) + own)], dim)
         return value, (loc, scale, x, own)
+
+    def plate_value(self, term: torch.Tensor, dim: int, aux: Any) -> torch.Tensor:
+        return plate_select(term, dim, 0).detach()  # the cost at the sample itself (variant 0)
 
     def reduce_plate(self, term: torch.Tensor, dim: int, aux: Any) -> torch.Tensor:
         loc, scale, x, own = aux

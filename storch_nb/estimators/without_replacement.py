@@ -210,6 +210,9 @@ class _WithoutReplacement(Estimator):
             value = index
         return value, (log_p, w, v)
 
+    def plate_value(self, term: torch.Tensor, dim: int, aux: Any) -> torch.Tensor:
+        return (aux[1] * term.detach()).sum(dim)  # sum_s p(s) R(S, s) f(s)
+
     def reduce_plate(self, term: torch.Tensor, dim: int, aux: Any) -> torch.Tensor:
         log_p, w, v = aux
         box = torch.exp(log_p - log_p.detach())  # the DiCE magic box of log p(s): value 1
