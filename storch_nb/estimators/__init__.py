@@ -10,6 +10,7 @@ from . import (  # noqa: F401  (registers the built-ins)
     pathwise,
     relaxation,
     score,
+    straight_through,
     without_replacement,
 )
 from .base import Estimator, auto_estimator, estimators, make_estimator, parse_spec, register_estimator
