@@ -298,9 +298,13 @@ def test_second_derivatives(estimator):
 
 def test_refuses_sites_it_does_not_fit():
     bern = "t = param(torch.zeros(3))\nb ~ Bernoulli(logits=t) using unordered_set\ncost b.sum()\n"
-    with pytest.raises(sn.EstimatorError) as info:
+    with pytest.raises(sn.EstimatorError) as info:  # three coins in one site: one outcome set per coin needed
         sn.Story(bern).run(samples=4)
-    assert "site `b`" in info.value.message and "Bernoulli" in info.value.message
+    assert "site `b`" in info.value.message and "single Bernoulli" in info.value.message
+    assert info.value.lineno == 2
+    normal = "m = param(0.0)\nx ~ Normal(m, 1) using score_wor\ncost x**2\n"
+    with pytest.raises(sn.EstimatorError, match="Categorical, OneHotCategorical and Bernoulli") as info:
+        sn.Story(normal).run(samples=4)
     assert info.value.lineno == 2
     # more samples than outcomes
     with pytest.raises(sn.EstimatorError, match=r"site `k`.*k=6 is more than the site's 5 outcomes"):
@@ -328,3 +332,23 @@ def test_k_validated(spec):
 def test_registered():
     assert {"unordered_set", "score_wor"} <= set(sn.estimators())
     assert make_estimator("score_wor(k=3)").text() == "score_wor(k=3)"
+
+
+# ------------------------------------------------------------------ Bernoulli sites
+
+COINS = (
+    "t = param(0.3)\nw = param(-0.2)\nb ~ Bernoulli(logits=t) using {est}\n"
+    "c ~ Bernoulli(logits=w + b) using {est}\ncost (b + 2 * c - 1.3)**2\n"
+)
+
+
+@pytest.mark.parametrize("est", ["unordered_set", "score_wor", "unordered_set(k=1)"])
+def test_bernoulli_sites_as_two_outcomes(est):
+    """A Bernoulli is the two outcomes (tails, heads): k defaults to 2, every outcome,
+    so the estimate is exact (zero variance); k=1 is unbiased within 4 SE."""
+    truth = sn.Story(COINS.format(est="enumerate")).exact(dtype="float64").grads
+    res = sn.Story(COINS.format(est=est)).run(samples=4, runs=3000, seed=0, dtype="float64")
+    for name in ("t", "w"):
+        assert_within(res.mean_grads()[name], truth[name], res.stderr[name], atol=1e-9, what=f"{est} d/d{name}")
+    if est != "unordered_set(k=1)":
+        assert res.grads["t"].var().item() < 1e-20 and res.estimators["b"] == est

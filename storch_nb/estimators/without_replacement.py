@@ -1,5 +1,6 @@
 """Sampling without replacement: the unordered set estimator and its built-in
-baseline (Categorical and OneHotCategorical sites).
+baseline (Categorical and OneHotCategorical sites, and Bernoulli sites as the
+two outcomes tails and heads).
 
 Kool, van Hoof & Welling (2020), "Estimating Gradients for Discrete Random
 Variables by Sampling without Replacement" (ICLR). For a categorical ``p`` on
@@ -71,7 +72,7 @@ from functools import lru_cache
 from typing import Any
 
 import torch
-from torch.distributions import Categorical, Distribution, OneHotCategorical
+from torch.distributions import Bernoulli, Categorical, Distribution, OneHotCategorical
 
 from ..errors import EstimatorError
 from .base import Estimator, register_estimator
@@ -152,6 +153,18 @@ def set_ratios(logits: torch.Tensor, index: torch.Tensor, second: bool = False):
 DEFAULT_K = 4
 
 
+def _outcomes(dist: Distribution) -> int:
+    return 2 if isinstance(dist, Bernoulli) else int(dist.logits.shape[-1])
+
+
+def _class_logits(dist: Distribution) -> torch.Tensor:
+    """Normalised log-probabilities of the site's outcomes (a Bernoulli's: tails, heads)."""
+    if isinstance(dist, Bernoulli):
+        t = dist.logits
+        return torch.stack([torch.nn.functional.logsigmoid(-t), torch.nn.functional.logsigmoid(t)], -1)
+    return dist.logits
+
+
 class _WithoutReplacement(Estimator):
     plated = True
     options = {"k": None}  # None: DEFAULT_K, or the site's number of outcomes where that is smaller
@@ -169,8 +182,8 @@ class _WithoutReplacement(Estimator):
             )
 
     def fits_class(self, cls: type) -> str | None:
-        if not issubclass(cls, (Categorical, OneHotCategorical)):
-            return "it samples Categorical and OneHotCategorical sites without replacement only"
+        if not issubclass(cls, (Categorical, OneHotCategorical, Bernoulli)):
+            return "it samples Categorical, OneHotCategorical and Bernoulli sites without replacement only"
         if self.n is not None:
             return "option n does not apply (the k samples without replacement are its own plate; use option k)"
         return None
@@ -179,7 +192,7 @@ class _WithoutReplacement(Estimator):
         reason = self.fits_class(type(dist))
         if reason is not None:
             return reason
-        size = dist.logits.shape[-1]
+        size = _outcomes(dist)
         k = self.opts["k"]
         if k is not None and k > size:
             return f"option k={k} is more than the site's {size} outcomes"
@@ -189,23 +202,26 @@ class _WithoutReplacement(Estimator):
 
     def plate_size(self, dist: Distribution) -> int:
         k = self.opts["k"]
-        return k if k is not None else min(DEFAULT_K, int(dist.logits.shape[-1]))
+        return k if k is not None else min(DEFAULT_K, _outcomes(dist))
 
     def sample_variants(self, dist: Distribution, dim: int, size: int, state: dict) -> tuple[torch.Tensor, Any]:
         own = tuple(dist.batch_shape[dim + 1 :])
         if own:
+            what = "Bernoulli" if isinstance(dist, Bernoulli) else "categorical"
             raise EstimatorError(
-                f"estimator `{self.name}` needs a single categorical per draw, but this site has "
+                f"estimator `{self.name}` needs a single {what} per draw, but this site has "
                 f"{math.prod(own)} (batch shape {own})",
-                hint="write one site per categorical (a `for` loop), or use score(baseline='rloo') for this site",
+                hint=f"write one site per {what} (a `for` loop or a plate), or use score(baseline='rloo') for this site",
             )
-        logits = dist.logits  # (*batch, K), normalised; batch has size 1 at dim (the last batch dim)
+        logits = _class_logits(dist)  # (*batch, K), normalised; batch has size 1 at dim (the last batch dim)
         index = gumbel_top_k(logits, size)  # (*batch, k)
         index = index.transpose(dim, -1).squeeze(-1)  # (*batch with k at dim)
         log_p = logits.expand(index.shape + logits.shape[-1:]).gather(-1, index.unsqueeze(-1)).squeeze(-1)
         w, v = set_ratios(logits.detach().squeeze(dim), index, second=self.baseline_builtin)
         if isinstance(dist, OneHotCategorical):
             value = torch.nn.functional.one_hot(index, logits.shape[-1]).to(logits.dtype)
+        elif isinstance(dist, Bernoulli):
+            value = index.to(logits.dtype)  # outcome 1 is heads
         else:
             value = index
         return value, (log_p, w, v)
