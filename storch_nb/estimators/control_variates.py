@@ -1,4 +1,13 @@
-"""Control-variate estimators with relaxations: REBAR and RELAX (Bernoulli sites).
+"""Control-variate estimators with relaxations: REBAR and RELAX (Bernoulli,
+Categorical and OneHotCategorical sites), and LAX (continuous sites).
+
+For a Categorical or OneHotCategorical site the relaxation is the Gumbel-max
+one: ``z = theta + G`` (Gumbel noise), ``b = onehot(argmax z)``, ``z~`` the
+perturbed logits given ``b`` (the largest ``logsumexp(theta)`` plus a Gumbel,
+every other a Gumbel truncated below it: ``straight_through.perturbed_given_argmax``,
+differentiable in ``theta``), ``softmax(z / lambda)`` in place of
+``sigmoid(z / lambda)`` and, for RELAX, ``r_rho`` over the softmax's entries
+(Tucker et al., 2017, section 3.2). What follows is written for Bernoulli sites.
 
 With logits ``theta``, ``p = sigmoid(theta)``, ``u, v ~ U(0, 1)``::
 
@@ -58,10 +67,11 @@ import math
 from typing import Any
 
 import torch
-from torch.distributions import Bernoulli, Distribution
+from torch.distributions import Bernoulli, Categorical, Distribution, OneHotCategorical
 
 from ..errors import EstimatorError
 from .base import Estimator, first_order, plate_select, register_estimator, site_sum
+from .straight_through import gumbel_noise, perturbed_given_argmax
 
 
 def _hessian_rows(grad: torch.Tensor, lin: torch.Tensor) -> torch.Tensor:
@@ -151,8 +161,8 @@ class _Relaxed(_Learned):
             raise EstimatorError(f"{name}: loo must be True or False, not {o['loo']!r}", hint=example)
 
     def fits_class(self, cls: type) -> str | None:
-        if not issubclass(cls, Bernoulli):
-            return "it works for Bernoulli sites only"
+        if not issubclass(cls, (Bernoulli, Categorical, OneHotCategorical)):
+            return "it works for Bernoulli, Categorical and OneHotCategorical sites only"
         if self.n is not None:
             return "option n does not apply (the relaxations are its own plate)"
         return None
@@ -250,6 +260,8 @@ class _Relaxed(_Learned):
         state["optimizer"].step([gt])
 
     def sample_variants(self, dist: Distribution, dim: int, size: int, state: dict) -> tuple[torch.Tensor, Any]:
+        if not isinstance(dist, Bernoulli):
+            return self._categorical_variants(dist, dim, state)
         theta = dist.logits
         cv = self.params(state, theta)
         temp = cv["log_temperature"].exp()
@@ -269,6 +281,31 @@ class _Relaxed(_Learned):
         # backward, as Story.surrogate does) changes them in place without touching what autograd saved
         return value, {"theta": theta, "log_p": log_p, "z": z, "z_cond": z_cond, "lin": cv["lin"].clone(),
                        "state": state}
+
+    def _categorical_variants(self, dist: Distribution, dim: int, state: dict) -> tuple[torch.Tensor, Any]:
+        """The Gumbel-max form: ``z = theta + G``, ``b = onehot(argmax z)``, ``z~`` the
+        perturbed logits given ``b`` (differentiable in ``theta``), relaxations
+        ``softmax(z / lambda)``; a Categorical's relaxed value is the relaxed index."""
+        theta = dist.logits  # normalised log-probabilities (*batch, K)
+        cv = self.params(state, theta)
+        temp = cv["log_temperature"].exp()
+        with torch.no_grad():
+            g = gumbel_noise(tuple(theta.shape), theta)
+            g_top, g_rest = gumbel_noise((*theta.shape[:-1], 1), theta), gumbel_noise(tuple(theta.shape), theta)
+        z = theta + g
+        index = z.argmax(-1).detach()
+        hard = torch.nn.functional.one_hot(index, theta.shape[-1]).to(theta.dtype)
+        z_cond = perturbed_given_argmax(theta, hard, g_top, g_rest)
+        soft, soft_cond = (z / temp).softmax(-1), (z_cond / temp).softmax(-1)
+        if isinstance(dist, OneHotCategorical):
+            value = torch.cat([hard, soft, soft_cond], dim=dim)
+            log_p = dist.log_prob(hard)
+        else:
+            classes = torch.arange(theta.shape[-1], dtype=theta.dtype, device=theta.device)
+            value = torch.cat([index.to(theta.dtype), soft @ classes, soft_cond @ classes], dim=dim)
+            log_p = dist.log_prob(index)
+        return value, {"theta": theta, "log_p": log_p, "z": z, "z_cond": z_cond, "lin": cv["lin"].clone(),
+                       "state": state, "classes": True}
 
     def plate_value(self, term: torch.Tensor, dim: int, aux: Any) -> torch.Tensor:
         return plate_select(term, dim, 0).detach()  # the cost at the hard sample b
@@ -312,7 +349,7 @@ class RELAX(_Relaxed):
 
     def r(self, aux: dict, z: torch.Tensor, dim: int) -> torch.Tensor:
         rho = aux["lin"][1:4]
-        s = torch.sigmoid(z)
+        s = z.softmax(-1) if aux.get("classes") else torch.sigmoid(z)
         val = rho[0] + rho[1] * s + rho[2] * s * s
         return site_sum(val, dim)
 

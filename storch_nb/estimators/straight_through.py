@@ -122,18 +122,29 @@ class GumbelRao(_StraightThrough):
         return ((logits + noise) / float(self.opts["temperature"])).softmax(-1).mean(0)
 
 
-def _gumbel(shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+def gumbel_noise(shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+    """Standard Gumbel noise of ``shape`` in ``like``'s dtype and device."""
     tiny = torch.finfo(like.dtype).tiny
     u = torch.rand(shape, dtype=like.dtype, device=like.device).clamp(tiny, 1 - torch.finfo(like.dtype).eps)
     return -torch.log(-torch.log(u))
 
 
+def perturbed_given_argmax(logits: torch.Tensor, hard: torch.Tensor, g_top: torch.Tensor,
+                           g_rest: torch.Tensor) -> torch.Tensor:
+    """``logits + G`` with Gumbel noise ``G`` conditioned on ``argmax(logits + G)`` being
+    the class ``hard`` marks, as a function of ``logits`` (the noise ``g_top``, last dim
+    1, and ``g_rest`` held fixed): the largest perturbed logit is
+    ``logsumexp(logits) + g_top``, every other one ``logits_j + g_rest_j`` truncated
+    below it (``-logaddexp(-(logits_j + g_rest_j), -top)``)."""
+    top = torch.logsumexp(logits, -1, keepdim=True) + g_top
+    others = -torch.logaddexp(-(logits + g_rest), -top)
+    return torch.where(hard.bool(), top, others)
+
+
 @torch.no_grad()
 def conditional_gumbel(logits: torch.Tensor, hard: torch.Tensor, k: int) -> torch.Tensor:
-    """``k`` draws of Gumbel noise ``G`` such that ``argmax(logits + G)`` is the class
-    ``hard`` marks, as ``(k, *logits.shape)``: the largest perturbed logit is
-    ``logsumexp(logits) + Gumbel``, every other one ``logits_j + Gumbel`` truncated
-    below it (``-logaddexp(-(logits_j + g_j), -top)``)."""
-    top = torch.logsumexp(logits, -1, keepdim=True) + _gumbel((k, *logits.shape[:-1], 1), logits)
-    others = -torch.logaddexp(-(logits + _gumbel((k, *logits.shape), logits)), -top)
-    return torch.where(hard.bool(), top, others) - logits
+    """``k`` draws of Gumbel noise ``G`` given ``argmax(logits + G) = hard``, as
+    ``(k, *logits.shape)``."""
+    g_top = gumbel_noise((k, *logits.shape[:-1], 1), logits)
+    g_rest = gumbel_noise((k, *logits.shape), logits)
+    return perturbed_given_argmax(logits, hard, g_top, g_rest) - logits
