@@ -58,3 +58,40 @@ def test_rebar_relax_still_refuse_a_continuous_site():
     with pytest.raises(sn.EstimatorError, match="Bernoulli, Categorical and OneHotCategorical") as info:
         sn.Story("m = param(0.0)\nx ~ Normal(m, 1) using relax\ncost x**2\n").run(samples=4)
     assert info.value.lineno == 2
+
+
+# ------------------------------------------------------------------------- ARMS
+COIN = "t = param(0.3)\nb ~ Bernoulli(logits=t) using {est}\ncost (b - 0.45)**2\n"
+COINS = ("t = param(torch.tensor([0.3, -1.2, 2.0]))\nb ~ Bernoulli(logits=t) using {est}\n"
+         "cost (b[0] + 2 * b[1] - b[2] - 0.7)**2 + b.prod()\n")
+
+
+@pytest.mark.parametrize("text", [COIN, COINS], ids=["coin", "three-coupled-coins"])
+@pytest.mark.parametrize("k", [2, 4, 8])
+def test_arms_unbiased(text, k):
+    truth = sn.Story(text.format(est="enumerate")).exact(dtype="float64").grads["t"]
+    res = sn.Story(text.format(est=f"arms(n={k})")).run(samples=1, runs=20000, seed=0, dtype="float64")
+    assert_within(res.mean_grads()["t"], truth, res.stderr["t"], what=f"arms(n={k})")
+
+
+@pytest.mark.parametrize("text, at_most", [(COIN, 0.3), (COINS, 0.8)], ids=["coin", "three-coupled-coins"])
+def test_arms_beats_rloo_at_equal_evaluations(text, at_most):
+    """Four evaluations of the cost each: arms(n=4) on one particle against rloo on four
+    samples. Measured (20000 runs): 0.10x rloo's variance on the coin, 0.57x on the
+    three coupled coins; asserted below 0.3x and 0.8x."""
+    arms = sn.Story(text.format(est="arms(n=4)")).run(samples=1, runs=20000, seed=0, dtype="float64")
+    rloo = sn.Story(text.format(est="rloo")).run(samples=4, runs=20000, seed=0, dtype="float64")
+    ratio = arms.grads["t"].var(0).sum() / rloo.grads["t"].var(0).sum()
+    assert ratio < at_most, ratio
+
+
+@pytest.mark.parametrize("spec, needle", [("arms", "n=K"), ("arms(n=1)", "n=K")])
+def test_arms_needs_two_or_more_draws(spec, needle):
+    with pytest.raises(sn.EstimatorError, match=needle) as info:
+        sn.Story(COIN.format(est=spec)).run(samples=2)
+    assert info.value.lineno == 2
+
+
+def test_arms_refuses_a_categorical():
+    with pytest.raises(sn.EstimatorError, match="Bernoulli sites only"):
+        sn.Story(TEXTS["categorical"].format(est="arms(n=4)")).run(samples=2)
