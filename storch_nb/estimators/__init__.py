@@ -3,6 +3,7 @@
 from . import (  # noqa: F401  (registers the built-ins)
     antithetic,
     control_variates,
+    double_cv,
     enumeration,
     go,
     indecater,
