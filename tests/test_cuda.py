@@ -122,11 +122,15 @@ def _fits(spec: str, dist) -> bool:
     return est is None or est.fits(dist) is None  # None: auto, which fits every site
 
 
+#: biased estimators without a closed-form expectation here (their bias is measured on the
+#: CPU: tests/test_straight_through.py); the GPU check below compares means with the truth
+NO_REFERENCE = {"reinmax", "gumbel_rao"}
+
 GPU_CASES = [
     pytest.param(family, spec, id=f"{family}-{spec}")
     for family, (_, dist, _) in FAMILIES.items()
     for spec in SPECS
-    if _fits(spec, dist)
+    if _fits(spec, dist) and spec.split("(")[0] not in NO_REFERENCE
 ]
 
 
