@@ -15,7 +15,7 @@ from .devices import on_device, same_device
 from .helpers import BUILTINS, HELPERS
 from .plan import Plan
 
-__all__ = ["leaves", "module_params", "initial_value"]
+__all__ = ["leaves", "module_params", "differentiated", "initial_value"]
 
 
 def leaves(plan: Plan, params: dict[str, torch.Tensor], ns: Mapping[str, Any], device: torch.device,
@@ -73,6 +73,13 @@ def module_params(plan: Plan) -> list[tuple[str, nn.Parameter]]:
             if p.requires_grad:
                 out.append((f"{mname}.{pname}", p))
     return out
+
+
+def differentiated(plan: Plan, used: dict[str, torch.Tensor]):
+    """What a pass's gradient is taken with respect to: the names and tensors of its
+    leaves as used, then of the modules' parameters; and those parameters by name."""
+    mod = module_params(plan)
+    return list(used) + [n for n, _ in mod], list(used.values()) + [p for _, p in mod], mod
 
 
 def initial_value(ref, ns: Mapping[str, Any], dtype: torch.dtype) -> torch.Tensor:

@@ -14,7 +14,7 @@ import torch
 
 from .cvfit import fit_control_variates, learners
 from .diagnose import check_finite
-from .leaves import module_params
+from .leaves import differentiated
 from .result import Result, make_result
 
 __all__ = ["estimate_per_run"]
@@ -24,9 +24,7 @@ def estimate_per_run(runner, ns, spec, samples: int, runs: int, dev, dt, t0: flo
     batches = 10 if runs == 1 and samples >= 20 else 1
     plan = runner.plan(ns, spec, False, False, dev, dt)
     leaves = runner.leaves(plan, ns, dev, dt)
-    mod_params = module_params(plan)
-    names = list(leaves) + [n for n, _ in mod_params]
-    inputs = list(leaves.values()) + [p for _, p in mod_params]
+    names, inputs, mod_params = differentiated(plan, leaves)
     fits = spec.learns_cv
     per_run: list[list[torch.Tensor]] = []
     costs = []

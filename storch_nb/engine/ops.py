@@ -137,6 +137,7 @@ class SiteOp:
     cols: tuple[tuple[str | int, int], ...] = ()  # argument (position or name) -> its column, for carets
     checked: dict = field(default_factory=dict)
     unchecked: bool = False  # every constrained argument is a Python number, checked on the first pass
+    numeric: frozenset = frozenset()  # the arguments given as Python numbers (checked on the first pass only)
     numbers: dict = field(default_factory=dict, repr=False)
 
     def build(self, ex) -> Distribution:
@@ -171,7 +172,7 @@ class SiteOp:
                     f"`~` needs a distribution, got {type(d).__name__}",
                     hint="write e.g. `x ~ Normal(0, 1)`; any torch.distributions class works",
                 )
-            self.check(d, ())
+            self.check(d)
             return d
         try:
             d = cls(*args, **kwargs, validate_args=False)
@@ -184,16 +185,17 @@ class SiteOp:
         # those given as Python numbers only on the plan's first (a site whose constrained
         # arguments are all numbers is not checked again at all)
         if ex.validate:
-            self.check(d, (), cls)
-            self.unchecked = not _constrained_beyond(type(d), numbers, cls)
+            self.check(d, cls)
+            self.numeric = _arg_names(numbers, cls)
+            self.unchecked = all(name in self.numeric for name, _ in constrained(type(d)))
         elif not self.unchecked:
-            self.check(d, numbers, cls)
+            self.check(d, cls, self.numeric)
         return d
 
-    def check(self, d: Distribution, numbers, cls: Any = None) -> None:
-        """Check the distribution's arguments; put the caret under the offending one."""
+    def check(self, d: Distribution, cls: Any = None, skip: frozenset[str] = frozenset()) -> None:
+        """Check the distribution's arguments but those in ``skip``; put the caret under
+        the offending one."""
         names = dist_args(cls)[0] if cls is not None else ()
-        skip = {names[i] if isinstance(i, int) and i < len(names) else i for i in numbers} if numbers else ()
         try:
             check_arguments(d, skip)
         except StoryError as exc:
@@ -377,9 +379,7 @@ def stack(v: torch.Tensor, r: int, dim: int, n: int) -> torch.Tensor:
     return v.movedim(dim, m - 1).unsqueeze(dim)
 
 
-def _constrained_beyond(dist_cls: type, numbers, cls: Any) -> bool:
-    """Whether a constrained argument of ``dist_cls`` was given as something other than
-    a Python number (``numbers``: the positions and names given as numbers)."""
+def _arg_names(keys, cls: Any) -> frozenset[str]:
+    """The argument names of ``cls`` that ``keys`` (positions and names) stand for."""
     names = dist_args(cls)[0] if cls is not None else ()
-    given = {names[i] if isinstance(i, int) and i < len(names) else i for i in numbers}
-    return any(name not in given for name, _ in constrained(dist_cls))
+    return frozenset(names[i] if isinstance(i, int) and i < len(names) else i for i in keys)

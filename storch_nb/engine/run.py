@@ -29,8 +29,8 @@ from .cvfit import fit_control_variates, fit_on_pass, learners
 from .diagnose import check_finite, read_checked
 from .execute import execute
 from .helpers import BUILTINS, HELPERS
+from .leaves import differentiated
 from .leaves import leaves as make_leaves
-from .leaves import module_params
 from .plan import Plan, Planner
 from .result import Result, make_result
 from .rng import Seeded
@@ -138,9 +138,7 @@ class Runner:
     def _gradients(self, plan: Plan, ex, total: torch.Tensor, used: dict) -> tuple[dict, list]:
         """The gradient of the pass (per run or per sample where ``total`` has entries), after
         one fit of the learned control variates; and the modules' parameters."""
-        mod_params = module_params(plan)
-        names = list(used) + [n for n, _ in mod_params]
-        inputs = list(used.values()) + [p for _, p in mod_params]
+        names, inputs, mod_params = differentiated(plan, used)
         trainable = learners(ex)
         if inputs and total.requires_grad:
             gs = torch.autograd.grad(total if total.dim() == 0 else total.sum(), inputs, allow_unused=True,
@@ -202,7 +200,7 @@ class Runner:
             plan = self.plan(ns, spec, False, False, device, dtype)
             leaves = self.leaves(plan, ns, device, dtype)
             total, used, ex = self.run_pass(plan, leaves, samples, 1, device, dtype)
-            fit_on_pass(self.state, ex, list(used.values()) + [p for _, p in module_params(plan)], total)
+            fit_on_pass(self.state, ex, differentiated(plan, used)[1], total)
         return total
 
     def exact(self, ns, max_outcomes: int, device, dtype) -> Result:
@@ -214,12 +212,7 @@ class Runner:
             total, used, ex = self.run_pass(plan, leaves, 1, 1, device, dtype, max_outcomes)
         except EstimatorError as exc:
             raise _exact_error(exc) from None
-        mod_params = module_params(plan)
-        names = list(used) + [n for n, _ in mod_params]
-        inputs = list(used.values()) + [p for _, p in mod_params]
-        gs = torch.autograd.grad(total, inputs, allow_unused=True) if inputs and total.requires_grad \
-            else [None] * len(inputs)
-        grads = {n: torch.zeros_like(x) if g is None else g for n, g, x in zip(names, gs, inputs)}
+        grads, mod_params = self._gradients(plan, ex, total, used)  # no learned control variate: enumerated
         check_finite(total.item(), grads, ex)
         return make_result(ex, grads, total.item(), {**leaves, **dict(mod_params)}, 1, 1, device, dtype, t0,
                            {k: torch.zeros_like(v) for k, v in grads.items()}, exact=True)
