@@ -18,7 +18,7 @@ class Execution:
     """The state of one pass: the values, the batch sizes and what each site and cost left."""
 
     __slots__ = ("env", "sizes", "plates", "sites", "costs", "validate", "dtype", "device", "plan", "max_outcomes",
-                 "_auto", "state", "guard")
+                 "_auto", "state", "guard", "reductions", "cost_inputs")
 
     def __init__(self, plan: Plan, env: dict, sizes: list[int], dtype, device, validate: bool, max_outcomes: int = 10**6,
                  state: dict | None = None):
@@ -35,6 +35,8 @@ class Execution:
         self.max_outcomes = max_outcomes
         self._auto: dict = {}
         self.guard = Guard()  # first-order-only parts of this pass's surrogate (see estimators.base)
+        self.reductions: dict = {}  # logmeanexp: hidden name -> (op, the particles' values, result, probe)
+        self.cost_inputs: dict = {}  # cost node -> the batched values it read (costs with reductions)
 
     def auto(self, op: SiteOp, dist: Distribution) -> Estimator:
         particles = self.sizes[op.sample_dim]

@@ -74,6 +74,7 @@ class Resolver:
         self.cost_k = 0
         self.cost_names: dict[int, int] = {}
         self.unrolled = 0
+        self.reduced_sites: set[str] = set()  # sites whose particles a cost's logmeanexp reduces
 
     # ------------------------------------------------------------- helpers
     def unique(self, name: str) -> str:

@@ -5,6 +5,7 @@ story line for errors."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,7 +19,8 @@ from .checks import check_arguments, constrained
 from .plates import AVERAGE, Data
 from .vectorize import Compiled
 
-__all__ = ["dist_args", "ParamRef", "StepOp", "SetOp", "CostOp", "SiteOp", "PlateOp", "StackOp", "datapoint", "stack"]
+__all__ = ["dist_args", "ParamRef", "StepOp", "ReduceOp", "SetOp", "CostOp", "SiteOp", "PlateOp", "StackOp", "datapoint",
+           "stack"]
 
 _ARGS_CACHE: dict[type, tuple[tuple[str, ...], dict[str, int]]] = {}
 
@@ -71,6 +73,34 @@ class StepOp:
 
 
 @dataclass
+class ReduceOp(StepOp):
+    """``logmeanexp(EXPR, over=z)`` cut out of a cost: the log of the mean of
+    ``exp(EXPR)`` over batch dim ``dim``, site ``site``'s particles (kept, size 1).
+    The particles' values and the result are recorded for the estimators of
+    multi-sample objectives; for ``dreg`` the result carries a zero probe whose
+    gradient is the cost's derivative in it."""
+
+    site: str = ""
+    dim: int = 0
+
+    def run(self, ex) -> None:
+        x = self.fn(ex.env)
+        if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+            x = torch.as_tensor(x, dtype=ex.dtype, device=ex.device)
+        if x.dim() > self.dim and self.fn.rank > self.dim and x.shape[self.dim] > 1:
+            value = torch.logsumexp(x, self.dim, keepdim=True) - math.log(x.shape[self.dim])
+        else:  # EXPR is the same for every particle
+            value = x
+        probe = None
+        est = ex.sites[self.site][1]
+        if est.multi_sample and est.reparameterized:
+            probe = torch.zeros_like(value, requires_grad=True)
+            value = value + (probe - probe.detach())
+        ex.reductions[self.var] = (self, x, value, probe)
+        ex.env[self.var] = value
+
+
+@dataclass
 class SetOp:
     """Binds a loop variable."""
 
@@ -91,12 +121,17 @@ class CostOp:
     fn: Compiled
     sites: tuple[str, ...]  # the sites upstream of this cost, in execution order
     plates: frozenset[int] = frozenset()  # the data plates the cost is inside (their batch dims)
+    #: the logmeanexp reductions it reads: (hidden name, site node, the site's particle dim)
+    reductions: tuple[tuple[str, str, int], ...] = ()
 
     def __post_init__(self) -> None:
         self.site_set = frozenset(self.sites)
+        self.reduced = frozenset(d for _, _, d in self.reductions)  # particle dims it averages in a logmeanexp
 
     def run(self, ex) -> None:
         v = self.fn(ex.env)
+        if self.reductions:  # what its inputs were, for a baseline that evaluates it again
+            ex.cost_inputs[self.node] = {n: ex.env[n] for n in (*(m for m, _ in self.fn.batched), *self.fn.unbatched)}
         if not isinstance(v, torch.Tensor):
             if isinstance(v, (int, float)) and not isinstance(v, bool):
                 v = torch.tensor(float(v), dtype=ex.dtype, device=ex.device)
@@ -250,7 +285,12 @@ class SiteOp:
             est = ex.auto(self, dist)
         key = (type(dist), id(est))
         if key not in self.checked:
-            est.check(dist, self.node)
+            try:
+                est.check(dist, self.node)
+            except StoryError as exc:
+                if exc.col is None and "using" in self.line:
+                    exc.col = self.line.find("using")  # the caret under the estimator that does not fit
+                raise
             self.checked[key] = True
         if est.enumerates:
             value, weight = ex.enumerate_site(self, dist, est)
@@ -273,6 +313,8 @@ class SiteOp:
                 dist = dist.expand(target + tuple(dist.batch_shape[self.rank :]))
             value = est.draw(dist, ())
         lp = dist.log_prob(value) if est.scored else None
+        if est.multi_sample and est.reparameterized:
+            lp = (value, dist)  # dreg: the draw and its distribution, for the surrogate's correction
         ex.env[self.var] = value
         ex.sites[self.node] = (self, est, lp)
 

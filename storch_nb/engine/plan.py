@@ -18,9 +18,9 @@ from torch.distributions import Distribution
 from ..errors import EstimatorError, StoryError
 from ..estimators import make_estimator
 from ..graph import Graph
-from ..story.statements import Assign, Cost, Loop, Param, Plate, Site, Statement
+from ..story.statements import Assign, Cost, Loop, Param, Plate, Reduction, Site, Statement
 from .names import Resolver
-from .ops import CostOp, ParamRef, PlateOp, SetOp, SiteOp, StackOp, StepOp, dist_args
+from .ops import CostOp, ParamRef, PlateOp, ReduceOp, SetOp, SiteOp, StackOp, StepOp, dist_args
 from .vectorize import Compiled
 
 __all__ = ["Plan", "Planner", "dist_args", "MAX_UNROLLED"]
@@ -70,6 +70,15 @@ class Planner(Resolver):
                 f"the estimator mapping names {', '.join(map(repr, unknown))}, which is not a site of this story",
                 hint=f"the sites are: {names}",
             )
+        for op in self.site_ops.values():
+            est = op.estimator
+            if est is not None and est.multi_sample and op.node not in self.reduced_sites:
+                raise EstimatorError(
+                    f"`{est.name}` estimates the gradient of a multi-sample objective, but no cost reduces over "
+                    f"the particles of site `{op.var}`",
+                    lineno=op.lineno, line=op.line, col=op.line.find("using"),
+                    hint=f"write the cost with `logmeanexp(EXPR, over={op.var})` (the IWAE bound), or use "
+                    f"rloo(n=K) or pathwise(n=K) for a cost per particle")
         graph = self.graph
         # parameters that no cost reaches
         reached = graph.ancestors(*(op.node for op in self.cost_ops))
@@ -170,15 +179,54 @@ class Planner(Resolver):
                 pass
 
     def cost(self, st: Cost, loopvars: dict[str, int], suffix: str) -> None:
-        """``cost EXPR``."""
-        fn, parents = self.compile(st.expr, set(loopvars))
+        """``cost EXPR``; its ``logmeanexp`` reductions first, each a step of its own."""
+        saved = {r.name: self.scope.get(r.name) for r in st.reductions}
+        try:
+            reductions = tuple(self.reduction(r, st, loopvars, suffix) for r in st.reductions)
+            fn, parents = self.compile(st.expr, set(loopvars))
+        finally:
+            for hidden, before in saved.items():
+                if before is None:
+                    self.scope.pop(hidden, None)
         k = self.cost_names.setdefault(id(st), len(self.cost_names) + 1)
         base = "cost" if self.n_costs == 1 else f"cost{k}"
         name = self.unique(base + suffix)
         self.add_node(name, "cost", st.lineno, parents)
-        op = CostOp(name, st.lineno, st.line, fn, self.upstream_sites(name), frozenset(self.open_plates))
+        op = CostOp(name, st.lineno, st.line, fn, self.upstream_sites(name), frozenset(self.open_plates), reductions)
+        for _, site, _ in reductions:
+            self.reduced_sites.add(site)
         self.cost_ops.append(op)
         self.ops.append(op)
+
+    def reduction(self, r: Reduction, st: Cost, loopvars: dict[str, int], suffix: str) -> tuple[str, str, int]:
+        """``logmeanexp(EXPR, over=z)``: a :class:`ReduceOp` over ``z``'s particles."""
+        op = self.site_ops.get(self.scope[r.over][0]) if r.over in self.scope else None
+        if op is None:
+            what = "a value, not a site" if r.over in self.scope else "not a name of the story"
+            raise StoryError(f"`over={r.over}`: `{r.over}` is {what}", col=r.over_col,
+                             hint="name the site whose particles to average over, drawn with `using EST(n=K)`, "
+                             "e.g. `z ~ Normal(mu, 1) using pathwise(n=5)`")
+        est = op.estimator
+        if self.override == "enumerate":
+            raise StoryError(
+                f"exact() does not enumerate the K-tuples of particles that `logmeanexp(..., over={r.over})` averages",
+                col=r.col, hint="estimate the objective and its gradient with run(samples=..., runs=...) instead, "
+                f"e.g. estimator='pathwise(n=5)' or vimco(n=5) for `{r.over}`")
+        if est is not None and (est.plated or est.enumerates):
+            raise EstimatorError(
+                f"site `{r.over}` uses `{est.text()}`, which draws variants of its own, not K particles to average",
+                col=r.over_col, hint=f"draw `{r.over}` with vimco(n=K), dreg(n=K), score(n=K) or pathwise(n=K)")
+        if est is None or est.n is None or op.plate is None:
+            raise StoryError(
+                f"`logmeanexp(..., over={r.over})` needs the particles of site `{r.over}`, drawn once per sample now",
+                col=r.over_col, hint=f"draw it with option n: `{r.over} ~ ... using pathwise(n=5)` (or score, vimco, "
+                "dreg with n=K)")
+        fn, parents = self.compile(r.expr, set(loopvars))
+        node = self.unique(f"logmeanexp_{r.over}" + suffix)
+        self.add_node(node, "deterministic", st.lineno, parents)
+        self.ops.append(ReduceOp(r.name, node, st.lineno, st.line, fn, site=op.node, dim=op.plate))
+        self.scope[r.name] = (node, fn.rank, frozenset(fn.dims) - {op.plate})
+        return r.name, op.node, op.plate
 
     def site(self, st: Site, loopvars: dict[str, int], suffix: str) -> None:
         """``x ~ DIST(ARGS) [using EST]``: a stochastic step."""
@@ -245,7 +293,12 @@ class Planner(Resolver):
             cols=tuple((i, a.col) for i, a in enumerate(st.args)) + tuple((k, a.col) for k, a in st.kwargs),
         )
         if static_dist is not None and est is not None and isinstance(static_dist, type) and issubclass(static_dist, Distribution):
-            est.check_class(static_dist, name)  # refuse `pathwise` on Bernoulli before running
+            try:
+                est.check_class(static_dist, name)  # refuse `pathwise` on Bernoulli before running
+            except EstimatorError as exc:
+                if exc.col is None and st.using:
+                    exc.col = st.line.find("using")
+                raise
         self.site_ops[name] = op
         self.site_index[name] = len(self.site_index)
         self.ops.append(op)

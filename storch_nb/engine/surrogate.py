@@ -30,8 +30,10 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import StoryError
+from ..estimators.base import first_order_only
 from .devices import placed_like
 from .execute import Execution
+from .multisample import dreg_term, vimco_term
 from .plates import CostView, Variants, outside_error
 
 
@@ -66,6 +68,7 @@ class _Parts:
     """What the sites upstream of one cost contribute to its term."""
 
     scored: list = field(default_factory=list)  # (site op, estimator, joint log-prob in the cost's shape)
+    multi: list = field(default_factory=list)  # vimco/dreg sites whose particles the cost reduces: (site, est, term)
     enumerated: list = field(default_factory=list)  # (site op, log-probability of the outcome in the cost's shape)
     baselines: list = field(default_factory=list)  # (site op, log-prob, baseline, enumerated ancestors, has rest)
 
@@ -76,6 +79,11 @@ def _parts(ex: Execution, op, c: torch.Tensor) -> _Parts:
     for name in op.sites:
         site, est, lp = ex.sites[name]
         outside = site.plates - op.plates
+        if op.reduced:  # a logmeanexp over particles: each one is credited with the whole cost
+            outside = outside | {d for d in op.reduced if d < site.rank}
+            if est.multi_sample and site.plate in op.reduced:
+                parts.multi.append((site, est, _multi_term(ex, op, c, site, est, lp, outside)))
+                continue
         if est.enumerates:
             if outside:
                 raise outside_error(site.node, est.name, op.lineno).located(op.lineno, op.line)
@@ -83,6 +91,14 @@ def _parts(ex: Execution, op, c: torch.Tensor) -> _Parts:
         elif est.scored:
             parts.scored.append((site, est, joint_log_prob(lp, site.rank, r, k, outside)))
     return parts
+
+
+def _multi_term(ex: Execution, op, c: torch.Tensor, site, est, aux, outside: frozenset[int]) -> torch.Tensor | None:
+    r, k = op.fn.rank, c.dim() - op.fn.rank
+    if est.scored:
+        lp = joint_log_prob(aux, site.rank, r, k, frozenset(outside - {site.plate}))
+        return vimco_term(ex, op, c, site, lp)
+    return dreg_term(ex, op, c, site, aux, lambda t: joint_log_prob(t, site.rank, r, k, frozenset(outside)))
 
 
 def _baseline_state(state: dict, site, op, ex: Execution, keep: int) -> dict:
@@ -122,7 +138,8 @@ def _add_baselines(ex: Execution, op, c, parts: _Parts, state: dict, keep: int, 
     signals = []
     for site, est, lp in parts.scored:
         st = _baseline_state(state, site, op, ex, keep)
-        dim = site.plate if site.plate is not None and est.n is not None else site.sample_dim
+        own = site.plate is not None and est.n is not None and site.plate not in op.reduced
+        dim = site.plate if own else site.sample_dim  # a logmeanexp over the particles: the story's samples
         signal, anc, has_rest = _signal(ex, op, c, site, parts.enumerated)
         try:
             b = est.baseline(signal, dim, st)
@@ -204,6 +221,9 @@ def build(ex: Execution, state: dict, keep: int, stop: int | None = None, first_
             term, extra = _scored_term(c, parts, signals, first_order)
         else:
             term = c
+        for _, est, extra_term in parts.multi:
+            if extra_term is not None:
+                term = term + (extra_term if first_order else first_order_only(extra_term, est.name, ex.guard))
         if parts.enumerated:
             term = term * torch.exp(_sum([w for _, w in parts.enumerated]))
         def view(op=op) -> CostView:

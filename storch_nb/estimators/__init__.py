@@ -8,6 +8,7 @@ from . import (  # noqa: F401  (registers the built-ins)
     go,
     indecater,
     measure_valued,
+    multisample,
     pathwise,
     relaxation,
     score,

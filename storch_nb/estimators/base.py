@@ -77,6 +77,9 @@ class Estimator:
     #: where False the engine makes a second differentiation raise instead of
     #: returning a silently wrong Hessian
     higher_order: ClassVar[bool] = True
+    #: built for multi-sample objectives (``vimco``, ``dreg``): needs option ``n``
+    #: and a cost that reduces over the site's particles with ``logmeanexp``
+    multi_sample: ClassVar[bool] = False
     #: the estimator has control-variate parameters that the engine trains to
     #: minimise the variance of the gradient estimate (see :meth:`cv_parameters`)
     trainable: ClassVar[bool] = False

@@ -15,6 +15,10 @@ import ast
 from functools import lru_cache
 
 from ..errors import StorySyntaxError
+from .multisample import FORM_HINT as _LME_HINT
+from .multisample import LOGMEANEXP as _LOGMEANEXP
+from .multisample import calls as _lme_calls
+from .multisample import cut as _cut_reductions
 from .rewrite import COST as _COST
 from .rewrite import SITE as _SITE
 from .rewrite import map_col as _map_col
@@ -117,6 +121,7 @@ class _Walker:
         self.usings = usings
         self.has_cost = False
         self.loops = 0  # `for range` loops open around the statement being read
+        self.reductions = [0]  # `logmeanexp` calls cut out of costs so far (numbers their hidden names)
 
     def error(self, message: str, node: ast.AST, hint: str | None = _FORMS) -> StorySyntaxError:
         row = getattr(node, "lineno", None)
@@ -129,6 +134,9 @@ class _Walker:
         )
 
     def expr(self, node: ast.expr) -> Expr:
+        for call in _lme_calls(node):
+            raise self.error(f"`{_LOGMEANEXP}(...)` can be used only in a cost", call,
+                             hint=f"it reduces over a site's particles: {_LME_HINT}; a step may compute EXPR")
         for sub in ast.walk(node):
             if isinstance(sub, ast.Name) and sub.id in (_SITE, _COST):
                 raise self.error("`~` and `cost` can only start a statement", sub)
@@ -187,7 +195,10 @@ class _Walker:
             if len(call.args) != 1 or call.keywords:
                 raise self.error("`cost` takes one expression", node, hint="write `cost f` or `cost(f)`")
             self.has_cost = True
-            return Cost(lineno=row, line=line, expr=self.expr(call.args[0]))
+            body, reductions = _cut_reductions(
+                call.args[0], self.expr, self.error, lambda n: _map_col(self.edits, n.lineno, n.col_offset),
+                self.reductions)
+            return Cost(lineno=row, line=line, expr=self.expr(body), reductions=reductions)
         raise self.error(
             "an expression on its own line does nothing",
             node,
@@ -204,7 +215,7 @@ class _Walker:
                 hint="write one step per line, e.g. `x = a + b`",
             )
         target = targets[0].id
-        if target in ("param", "cost", "range", "plate", _SITE, _COST):
+        if target in ("param", "cost", "range", "plate", _LOGMEANEXP, _SITE, _COST):
             raise self.error(f"`{target}` is a reserved word of the story language", targets[0], hint="pick another name")
         value = node.value
         if value is None:
@@ -266,7 +277,7 @@ class _Walker:
             raise self.error("a plate binds one name per tensor it runs over", tgt, hint=_PLATE_HINT)
         targets = tuple(n.id for n in names)  # type: ignore[attr-defined]
         for n, t in zip(names, targets):
-            if t in ("param", "cost", "range", "plate", _SITE, _COST):
+            if t in ("param", "cost", "range", "plate", _LOGMEANEXP, _SITE, _COST):
                 raise self.error(f"`{t}` is a reserved word of the story language", n, hint="pick another name")
         if len(set(targets)) != len(targets):
             raise self.error("a plate binds each name once", tgt, hint=_PLATE_HINT)

@@ -64,10 +64,24 @@ class Site(Statement):
 
 
 @dataclass(frozen=True)
+class Reduction:
+    """``logmeanexp(EXPR, over=z)`` inside a cost: ``name`` (a hidden story value)
+    is the log of the mean of ``exp(EXPR)`` over the particles of site ``over``."""
+
+    name: str  # the hidden value the cost's expression reads in place of the call
+    expr: Expr  # EXPR, for one particle
+    over: str  # the site's story name
+    over_col: int  # column of ``over=...`` (carets)
+    col: int  # column of the call
+
+
+@dataclass(frozen=True)
 class Cost(Statement):
-    """``cost EXPR``: adds EXPR to the objective."""
+    """``cost EXPR``: adds EXPR to the objective. Each ``logmeanexp(...)`` call in
+    it is cut out into a :class:`Reduction` (innermost first) and read by name."""
 
     expr: Expr
+    reductions: tuple[Reduction, ...] = ()
 
 
 @dataclass(frozen=True)

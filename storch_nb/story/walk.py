@@ -19,7 +19,11 @@ def walk(statements: Iterable[Statement]) -> Iterator[Statement]:
 
 def expressions(st: Statement) -> Iterator[Expr]:
     """The expressions a statement holds itself (not those of its block)."""
-    if isinstance(st, (Assign, Param, Cost)):
+    if isinstance(st, Cost):
+        for r in st.reductions:
+            yield r.expr
+        yield st.expr
+    elif isinstance(st, (Assign, Param)):
         yield st.expr
     elif isinstance(st, Site):
         yield st.dist
