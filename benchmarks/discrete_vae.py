@@ -3,7 +3,7 @@ the same estimators hand-written in torch, side by side in one process.
 
 Run from the repository root::
 
-    python benchmarks/discrete_vae.py                 # full run (about 15 minutes on 2 cores)
+    python benchmarks/discrete_vae.py                 # full run (about 45 minutes on 2 cores)
     python benchmarks/discrete_vae.py --quick         # smoke run (about a minute)
     python benchmarks/discrete_vae.py --steps 2000 --seeds 0,1,2 --estimators rloo,disarm,arm
 
@@ -45,8 +45,17 @@ The hand-written estimators (RLOO with K samples, ARM, DisARM) are checked
 unbiased first, on a tiny model (3 latents, 2 datapoints) whose exact gradient
 is a sum over the 8 latent configurations.
 
-RLOO draws K = 4 samples per datapoint; the others one (ARM and DisARM evaluate
-the decoder twice, REBAR and RELAX three times).
+Every estimator that fits the model is run at (nearly) equal decoder evaluations
+per datapoint and step, 4 (``SETTINGS``): RLOO and the score function with 4
+samples, ARM and DisARM with 2 antithetic pairs (the hand-written ones too), ARMS
+and double control variates with ``n=4``, the relaxations (gumbel, st_gumbel,
+reinmax, gumbel_rao) with 4 samples; REBAR and RELAX evaluate 3 times per sample
+(the nearest below 4); IndeCateR needs both values of each of the 32 latents
+(64, it cannot be made equal); ``unordered_set`` and ``score_wor`` do not fit a
+site of 32 Bernoullis. ``vimco`` trains the IWAE bound with K = 5 particles
+(``cost -logmeanexp(log_w, over=z)``, 5 evaluations); its Var x N is that of
+the IWAE bound's gradient. Every trained model is also scored by the full-data
+negative IWAE bound with K = 5 (column -IWAE).
 """
 
 from __future__ import annotations
@@ -71,6 +80,33 @@ LATENT, HIDDEN, BATCH, LR = 32, 128, 64, 1e-3
 LOG2 = math.log(2.0)
 K_RLOO = 4
 HAND = ("rloo", "arm", "disarm")
+K_IWAE = 5
+#: every estimator that fits the model, at (nearly) equal decoder evaluations per
+#: datapoint and step: name -> (estimator text, story samples, evaluations)
+SETTINGS = {
+    "rloo": ("rloo", K_RLOO, 4),
+    "score": ("score", 4, 4),
+    "arm": ("arm", 2, 4),  # an antithetic pair per sample
+    "disarm": ("disarm", 2, 4),
+    "arms": ("arms(n=4)", 1, 4),
+    "double_cv": ("double_cv(n=4)", 1, 4),
+    "rebar": ("rebar", 1, 3),  # the sample, its relaxation and the conditional one: 3, the nearest below 4
+    "relax": ("relax", 1, 3),
+    "gumbel": ("gumbel", 4, 4),
+    "st_gumbel": ("st_gumbel", 4, 4),
+    "reinmax": ("reinmax", 4, 4),
+    "gumbel_rao": ("gumbel_rao", 4, 4),
+    "indecater": ("indecater", 1, 2 * LATENT),  # both values of each of the 32 latents: cannot be made equal
+    "vimco": (f"vimco(n={K_IWAE})", 1, K_IWAE),  # trains the IWAE bound (K=5), not the ELBO
+}
+IWAE_STORY = """\
+for x_i in plate(X, batch=BATCH):
+    logits = enc(x_i)
+    z ~ Bernoulli(logits=logits) using {est}
+    recon = dec(z)
+    log_w = -((softplus(recon) - x_i * recon).sum() + (z * logits - softplus(logits)).sum() + LATENT * LOG2)
+    cost -logmeanexp(log_w, over=z)
+"""
 STORY = """\
 for x_i in plate(X, batch=BATCH):
     logits = enc(x_i)
@@ -96,7 +132,15 @@ def model(seed: int, d: int = 64, hidden: int = HIDDEN, latent: int = LATENT) ->
 
 
 def samples_for(est: str) -> int:
-    return K_RLOO if est == "rloo" else 1
+    return SETTINGS[est][1]
+
+
+def story_for(est: str) -> tuple[sn.Story, str]:
+    """The story an estimator trains (the ELBO; vimco: the IWAE bound) and the estimator text."""
+    text = SETTINGS[est][0]
+    if est == "vimco":
+        return sn.Story(IWAE_STORY.format(est=text)), "auto"
+    return sn.Story(STORY), text
 
 
 # ------------------------------------------------------------------ hand-written
@@ -117,17 +161,18 @@ def hand_surrogate(est: str, enc: nn.Module, dec: nn.Module, x: torch.Tensor) ->
         fd = f.detach()
         baseline = (fd.sum(0) - fd) / (K_RLOO - 1)
         return (f + (fd - baseline) * (lq - lq.detach())).mean()
+    pairs = SETTINGS[est][1]
     with torch.no_grad():
-        u = torch.rand_like(logits)
+        u = torch.rand((pairs, *logits.shape))  # `pairs` antithetic pairs per datapoint
         p = torch.sigmoid(logits)
         b, b_anti = (u < p).to(u.dtype), (u > 1 - p).to(u.dtype)
     f, f_anti = neg_elbo(x, b, logits, dec), neg_elbo(x, b_anti, logits, dec)  # (B,)
     with torch.no_grad():
         if est == "arm":
-            g = (f_anti - f)[:, None] * (u - 0.5)
+            g = (f_anti - f)[..., None] * (u - 0.5)
         else:  # disarm
-            g = 0.5 * (f - f_anti)[:, None] * (1 - 2 * b_anti) * (b != b_anti) * torch.sigmoid(logits.abs())
-    return (0.5 * (f + f_anti) + (g * logits).sum(-1)).mean()
+            g = 0.5 * (f - f_anti)[..., None] * (1 - 2 * b_anti) * (b != b_anti) * torch.sigmoid(logits.abs())
+    return (0.5 * (f + f_anti) + (g.mean(0) * logits).sum(-1)).mean()
 
 
 def check_hand_unbiased(calls: int = 200, copies: int = 100) -> list[str]:
@@ -173,18 +218,30 @@ def full_neg_elbo(enc, dec, data: torch.Tensor, draws: int = 20) -> float:
     return neg_elbo(data, z, logits, dec).mean().item()
 
 
+@torch.no_grad()
+def full_neg_iwae(enc, dec, data: torch.Tensor, k: int = K_IWAE, draws: int = 4) -> float:
+    """The full-data negative IWAE bound with ``k`` particles (mean of ``draws`` estimates)."""
+    gen = torch.Generator().manual_seed(4321)
+    logits = enc(data)
+    p = torch.sigmoid(logits).expand(draws, k, *logits.shape)
+    z = torch.bernoulli(p, generator=gen)
+    log_w = -neg_elbo(data, z, logits, dec)  # (draws, k, N)
+    return -(torch.logsumexp(log_w, 1) - math.log(k)).mean().item()
+
+
 def namespace(data, enc, dec, batch=BATCH) -> dict:
     return {"X": data, "enc": enc, "dec": dec, "BATCH": batch, "LATENT": LATENT, "LOG2": LOG2}
 
 
-def train_storch(est: str, seed: int, steps: int, data) -> tuple[float, float]:
+def train_storch(est: str, seed: int, steps: int, data) -> tuple[float, float, float]:
     enc, dec = model(seed)
-    story = sn.Story(STORY)
+    story, text = story_for(est)
     ns = namespace(data, enc, dec)
     opt = torch.optim.Adam([*enc.parameters(), *dec.parameters()], lr=LR)
     t0 = time.perf_counter()
-    story.train(steps=steps, optimizer=opt, estimator=est, samples=samples_for(est), seed=seed, namespace=ns)
-    return full_neg_elbo(enc, dec, data), time.perf_counter() - t0
+    story.train(steps=steps, optimizer=opt, estimator=text, samples=samples_for(est), seed=seed, namespace=ns)
+    secs = time.perf_counter() - t0
+    return full_neg_elbo(enc, dec, data), secs, full_neg_iwae(enc, dec, data)
 
 
 def train_hand(est: str, seed: int, steps: int, data) -> tuple[float, float]:
@@ -195,7 +252,8 @@ def train_hand(est: str, seed: int, steps: int, data) -> tuple[float, float]:
         torch.manual_seed(seed)
         for _ in range(steps):
             hand_step(est, enc, dec, opt, data)
-    return full_neg_elbo(enc, dec, data), time.perf_counter() - t0
+    secs = time.perf_counter() - t0
+    return full_neg_elbo(enc, dec, data), secs, full_neg_iwae(enc, dec, data)
 
 
 def step_times(est: str, data, rounds: int) -> tuple[float, float]:
@@ -209,7 +267,7 @@ def step_times(est: str, data, rounds: int) -> tuple[float, float]:
     n = 20
 
     def storch_round():
-        story.train(steps=n, optimizer=opt_s, estimator=est, samples=samples_for(est), namespace=ns)
+        story.train(steps=n, optimizer=opt_s, estimator=SETTINGS[est][0], samples=samples_for(est), namespace=ns)
 
     def hand_round():
         for _ in range(n):
@@ -225,10 +283,10 @@ def fitted_story(est: str, data, enc, dec, warm: int) -> sn.Story:
     is measured with the same control variate: what differs is credit assignment
     alone, not how long the fit has run. (The fit's optimizer is dropped from the
     estimator state, which is what option ``lr=0`` does from the start.)"""
-    story = sn.Story(STORY)
+    story, text = story_for(est)
     ns = namespace(data[:64], enc, dec, batch=64)
     for _ in range(warm):
-        story.run(samples=samples_for(est), estimator=est, namespace=ns)
+        story.run(samples=samples_for(est), estimator=text, namespace=ns)
     for state in story._runner.state.values():
         if isinstance(state, dict) and "cv" in state:
             state["optimizer"] = None
@@ -250,7 +308,7 @@ def encoder_variance_x_n(est: str, data, n: int, reps: int, side: str, warm: int
             g = torch.stack(gs)
         else:
             ns = namespace(x, enc, dec, batch=n)
-            res = story.run(samples=samples_for(est), estimator=est, runs=reps, namespace=ns)
+            res = story.run(samples=samples_for(est), estimator=story_for(est)[1], runs=reps, namespace=ns)
             g = torch.cat([res.grads[f"enc.{k}"].reshape(reps, -1) for k, _ in enc.named_parameters()], 1)
         out.append(g.double().var(0).sum().item() * n)
     return statistics.fmean(out)
@@ -260,7 +318,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--steps", type=int, default=2000)
     ap.add_argument("--seeds", default="0,1,2")
-    ap.add_argument("--estimators", default="rloo,disarm,arm,relax,rebar,st_gumbel")
+    ap.add_argument("--estimators", default=",".join(SETTINGS))
     ap.add_argument("--quick", action="store_true", help="a smoke run: 100 steps, one seed, few repetitions")
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args(argv)
@@ -284,11 +342,12 @@ def main(argv: list[str] | None = None) -> int:
         s_t, h_t = step_times(est, data, rounds) if est in HAND else (None, None)
         row["step"] = (s_t, h_t)
         s_elbo = [train_storch(est, s, steps, data) for s in seeds]
-        row["storch_elbo"] = [e for e, _ in s_elbo]
-        row["storch_secs"] = statistics.fmean(t for _, t in s_elbo) / steps
+        row["storch_elbo"] = [e for e, _, _ in s_elbo]
+        row["storch_iwae"] = [w for _, _, w in s_elbo]
+        row["storch_secs"] = statistics.fmean(t for _, t, _ in s_elbo) / steps
         if est in HAND:
             h_elbo = [train_hand(est, s, steps, data) for s in seeds]
-            row["hand_elbo"] = [e for e, _ in h_elbo]
+            row["hand_elbo"] = [e for e, _, _ in h_elbo]
         warm = 100 if est in ("rebar", "relax") else 0
         row["var"] = {n: encoder_variance_x_n(est, data, n, r, "storch", warm) for n, r in reps.items()}
         if est in HAND:
@@ -316,24 +375,28 @@ def print_row(row: dict, steps: int) -> None:
     s_t, h_t = row["step"]
     ratio = f"{s_t / h_t:.2f}x" if s_t and h_t else "-"
     v = row["var"]
-    print(f"{row['est']}: step storch {_ms(s_t or row['storch_secs'])}, hand {_ms(h_t)} ({ratio}); "
-          f"-ELBO after {steps} steps storch {_mean_se(row['storch_elbo'])}, hand {_mean_se(row.get('hand_elbo', []))}; "
+    print(f"{row['est']} ({SETTINGS[row['est']][2]} evaluations): step storch {_ms(s_t or row['storch_secs'])}, "
+          f"hand {_ms(h_t)} ({ratio}); "
+          f"-ELBO after {steps} steps storch {_mean_se(row['storch_elbo'])}, hand {_mean_se(row.get('hand_elbo', []))}, "
+          f"-IWAE(K={K_IWAE}) {_mean_se(row['storch_iwae'])}; "
           f"Var x N at N=1/16/64 storch {v[1]:.1f} / {v[16]:.1f} / {v[64]:.1f} (64 vs 1: {v[64] / v[1]:.2f}x)"
           + (f", hand {row['hand_var'][1]:.1f} / {row['hand_var'][16]:.1f} / {row['hand_var'][64]:.1f}"
              if "hand_var" in row else ""), flush=True)
 
 
 def print_table(rows: list[dict], steps: int, n_seeds: int) -> None:
-    print(f"| estimator | step storch | step hand | ratio | -ELBO storch ({steps} steps, {n_seeds} seeds) | -ELBO hand "
-          "| Var x N storch (N=1 / 16 / 64) | 64 vs 1 | Var x N hand (N=1 / 16 / 64) |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print(f"| estimator | evaluations | step storch | step hand | ratio | -ELBO storch ({steps} steps, {n_seeds} seeds) "
+          f"| -ELBO hand | -IWAE (K={K_IWAE}) storch | Var x N storch (N=1 / 16 / 64) | 64 vs 1 "
+          "| Var x N hand (N=1 / 16 / 64) |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for row in rows:
         s_t, h_t = row["step"]
         v = row["var"]
         hv = row.get("hand_var")
-        print(f"| {row['est']} | {_ms(s_t or row['storch_secs'])} | {_ms(h_t)} | "
-              f"{f'{s_t / h_t:.2f}x' if s_t and h_t else '-'} | {_mean_se(row['storch_elbo'])} | "
-              f"{_mean_se(row.get('hand_elbo', []))} | {v[1]:.1f} / {v[16]:.1f} / {v[64]:.1f} | {v[64] / v[1]:.2f}x | "
+        print(f"| {SETTINGS[row['est']][0]} | {SETTINGS[row['est']][2]} | {_ms(s_t or row['storch_secs'])} | "
+              f"{_ms(h_t)} | {f'{s_t / h_t:.2f}x' if s_t and h_t else '-'} | {_mean_se(row['storch_elbo'])} | "
+              f"{_mean_se(row.get('hand_elbo', []))} | {_mean_se(row['storch_iwae'])} | "
+              f"{v[1]:.1f} / {v[16]:.1f} / {v[64]:.1f} | {v[64] / v[1]:.2f}x | "
               + (f"{hv[1]:.1f} / {hv[16]:.1f} / {hv[64]:.1f} |" if hv else "- |"))
 
 
