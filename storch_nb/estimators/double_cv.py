@@ -1,13 +1,15 @@
 """Double control variates (Titsias & Shi, AISTATS 2022, "Double Control Variates
-for Gradient Estimation in Discrete Latent Variable Models"): Bernoulli and
-OneHotCategorical sites, option ``n=K`` (at least 2) samples per particle.
+for Gradient Estimation in Discrete Latent Variable Models"): Bernoulli,
+Categorical and OneHotCategorical sites, option ``n=K`` (at least 2) samples per
+particle.
 
 On top of the leave-one-out baseline of K samples, a second control variate:
 the first-order Taylor term of the cost around the other samples,
 
     h_k(b_k) = alpha * sum_entries gbar_{-k} * (b_k - m),   gbar_{-k} = mean_{j != k} df/db (b_j)
 
-with ``m = E[b]`` (``p`` for a Bernoulli, ``pi`` for a one-hot) and ``alpha`` a
+with ``m = E[b]`` (``p`` for a Bernoulli, ``pi`` for a one-hot; ``b`` is the
+sample's one-hot for a Categorical) and ``alpha`` a
 scalar the engine fits to the variance proxy (Adam, option ``lr``; it starts at
 0, where the estimator is RLOO). With ``s_k = f(b_k) + h_k(b_k)`` and the score
 ``b_k - m`` of the logits::
@@ -20,7 +22,12 @@ the ``h_k`` part, subtracted back. Unbiased for every ``alpha`` (``gbar_{-k}``
 does not depend on ``b_k``, and a ``h_j`` in another sample's baseline has mean
 zero given ``b_k``). No evaluations beyond leave-one-out's K, one backward pass
 for ``df/db``: the cost must be differentiable in the sample (a cost that is not
-gets ``df/db = 0`` and is RLOO). First derivatives only.
+gets ``df/db = 0`` and is RLOO). A Categorical site's value is an integer index,
+which the story may use as an index: there is no one-hot in the story's graph to
+differentiate (giving it a float index instead would break ``A[k]``), so there
+``df/db = 0``, ``h_k = 0`` and the estimator is exactly RLOO with the score
+``onehot(k) - pi`` (unbiased; ``alpha`` has nothing to act on). Write the site as a
+OneHotCategorical to get the Taylor term. First derivatives only.
 """
 
 from __future__ import annotations
@@ -28,7 +35,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch.distributions import Bernoulli, Distribution, OneHotCategorical
+from torch.distributions import Bernoulli, Categorical, Distribution, OneHotCategorical
 
 from ..errors import EstimatorError
 from .base import first_order, register_estimator, site_sum, to_site_shape
@@ -55,8 +62,9 @@ class DoubleCV(_Learned):
                                  hint="e.g. `using double_cv(n=4, lr=0.05)`; lr=0 keeps alpha at 0 (RLOO)")
 
     def fits_class(self, cls: type) -> str | None:
-        if not issubclass(cls, (Bernoulli, OneHotCategorical)):
-            return "it works for Bernoulli and OneHotCategorical sites only (the cost is differentiated in the sample)"
+        if not issubclass(cls, (Bernoulli, Categorical, OneHotCategorical)):
+            return ("it works for Bernoulli, Categorical and OneHotCategorical sites only "
+                    "(discrete samples; the cost is differentiated in the sample)")
         if self.n is None or self.n < 2:
             return "it needs n=K samples with K >= 2, e.g. `using double_cv(n=4)`"
         return None
@@ -78,21 +86,23 @@ class DoubleCV(_Learned):
 
     def sample_variants(self, dist: Distribution, dim: int, size: int, state: dict) -> tuple[torch.Tensor, Any]:
         logits = dist.logits
-        onehot = isinstance(dist, OneHotCategorical)
-        mean = dist.probs
         shape = dist.batch_shape[:dim] + (size,) + dist.batch_shape[dim + 1 :]
         with torch.no_grad():
-            b = dist.expand(shape).sample()
-        b = b.requires_grad_(True)  # the cost is differentiated in the sample (df/db)
+            value = dist.expand(shape).sample()
+        if isinstance(dist, Categorical):  # an integer index: the one-hot for the score, df/db = 0 (RLOO)
+            b = torch.nn.functional.one_hot(value, logits.shape[-1]).to(logits.dtype)
+        else:
+            b = value = value.requires_grad_(True)  # the cost is differentiated in the sample (df/db)
         cv = self.params(state, logits)
         # a copy of alpha: a fit may change alpha before the surrogate's backward pass
-        return b, {"logits": logits, "b": b, "mean": mean, "onehot": onehot, "alpha": cv["alpha"].clone()}
+        return value, {"logits": logits, "b": b, "mean": dist.probs, "onehot": not isinstance(dist, Bernoulli),
+                       "alpha": cv["alpha"].clone()}
 
     def reduce_plate(self, term: torch.Tensor, dim: int, aux: Any) -> torch.Tensor:
         b, mean, alpha = aux["b"], aux["mean"], aux["alpha"]
         k = term.shape[dim]
         grad_b = None
-        if term.requires_grad:
+        if term.requires_grad and b.requires_grad:
             (grad_b,) = torch.autograd.grad(term.sum(), b, retain_graph=True, allow_unused=True)
         grad_b = torch.zeros_like(b) if grad_b is None else grad_b.detach()
         others = (grad_b.sum(dim, keepdim=True) - grad_b) / (k - 1)  # gbar_{-k}
