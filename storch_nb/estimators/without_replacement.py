@@ -48,8 +48,10 @@ Every ratio is computed exactly (vectorized, in log space; the mass outside
 of ``S`` first, a recursion over the ``2^k`` subsets (see :func:`set_ratios`)
 rather than a sum over the ``k!`` orderings; ``k`` is at most 12. Each particle
 evaluates the downstream story at its ``k`` distinct values (``k`` cost
-evaluations). The site must be a single categorical per draw (no batch
-dimensions of its own).
+evaluations). A site of N independent entries (own batch shape ``(N,)``, C
+outcomes each) is one categorical over its ``C**N`` joint outcomes (at most
+4096; the joint log-probability is the sum over entries), so a cost that
+couples the entries is handled like any other.
 
 The surrogate (Foerster et al., 2018; Mao et al., 2019) is, with ``box(x) =
 exp(x - stop_grad(x))`` and the weights held constant::
@@ -153,8 +155,34 @@ def set_ratios(logits: torch.Tensor, index: torch.Tensor, second: bool = False):
 DEFAULT_K = 4
 
 
+#: the most joint outcomes of a site with several entries (sampled as one categorical)
+MAX_JOINT = 4096
+
+
+def _entries(dist: Distribution) -> int:
+    """The site's own entries (own batch shape (N,) or (); see ``sample_variants``)."""
+    shape = dist.batch_shape
+    return int(shape[-1]) if len(shape) else 1
+
+
 def _outcomes(dist: Distribution) -> int:
-    return 2 if isinstance(dist, Bernoulli) else int(dist.logits.shape[-1])
+    """The site's joint outcomes: C per entry, C**N for N entries."""
+    per = 2 if isinstance(dist, Bernoulli) else int(dist.logits.shape[-1])
+    return per ** _entries(dist)
+
+
+@lru_cache(maxsize=32)
+def _configurations(per: int, n: int, device: str) -> torch.Tensor:
+    """Every joint outcome of ``n`` entries with ``per`` outcomes each: (per**n, n)."""
+    return torch.cartesian_prod(*[torch.arange(per, device=torch.device(device))] * n).reshape(per**n, n)
+
+
+def _joint_logits(logits: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-entry normalised log-probabilities (..., n, C) to those of the joint outcomes
+    (..., C**n) (independent entries: a sum), with the outcomes' table (C**n, n)."""
+    table = _configurations(logits.shape[-1], n, str(logits.device))
+    picked = logits[..., torch.arange(n, device=logits.device), table]  # (..., C**n, n)
+    return picked.sum(-1), table
 
 
 def _class_logits(dist: Distribution) -> torch.Tensor:
@@ -193,6 +221,9 @@ class _WithoutReplacement(Estimator):
         if reason is not None:
             return reason
         size = _outcomes(dist)
+        if size > MAX_JOINT:
+            return (f"its {_entries(dist)} entries have {size:,} joint outcomes; it samples joint outcomes "
+                    f"without replacement, at most {MAX_JOINT:,}")
         k = self.opts["k"]
         if k is not None and k > size:
             return f"option k={k} is more than the site's {size} outcomes"
@@ -206,24 +237,28 @@ class _WithoutReplacement(Estimator):
 
     def sample_variants(self, dist: Distribution, dim: int, size: int, state: dict) -> tuple[torch.Tensor, Any]:
         own = tuple(dist.batch_shape[dim + 1 :])
-        if own:
-            what = "Bernoulli" if isinstance(dist, Bernoulli) else "categorical"
+        if len(own) > 1:
             raise EstimatorError(
-                f"estimator `{self.name}` needs a single {what} per draw, but this site has "
-                f"{math.prod(own)} (batch shape {own})",
-                hint=f"write one site per {what} (a `for` loop or a plate), or use score(baseline='rloo') for this site",
+                f"estimator `{self.name}` needs a site with own batch shape (N,) or (), not {own}",
+                hint="flatten the distribution's parameters to one dimension, or use score(baseline='rloo')",
             )
-        logits = _class_logits(dist)  # (*batch, K), normalised; batch has size 1 at dim (the last batch dim)
+        entry = _class_logits(dist)  # (*batch, *own, C), normalised; batch has size 1 at dim (its last dim)
+        per = entry.shape[-1]
+        if own:  # N entries: sampled jointly, one categorical over the C**N joint outcomes
+            logits, table = _joint_logits(entry, own[0])
+        else:
+            logits, table = entry, None
         index = gumbel_top_k(logits, size)  # (*batch, k)
         index = index.transpose(dim, -1).squeeze(-1)  # (*batch with k at dim)
         log_p = logits.expand(index.shape + logits.shape[-1:]).gather(-1, index.unsqueeze(-1)).squeeze(-1)
         w, v = set_ratios(logits.detach().squeeze(dim), index, second=self.baseline_builtin)
+        outcome = index if table is None else table[index]  # (*batch with k at dim, *own)
         if isinstance(dist, OneHotCategorical):
-            value = torch.nn.functional.one_hot(index, logits.shape[-1]).to(logits.dtype)
+            value = torch.nn.functional.one_hot(outcome, per).to(entry.dtype)
         elif isinstance(dist, Bernoulli):
-            value = index.to(logits.dtype)  # outcome 1 is heads
+            value = outcome.to(entry.dtype)  # outcome 1 is heads
         else:
-            value = index
+            value = outcome
         return value, (log_p, w, v)
 
     def plate_value(self, term: torch.Tensor, dim: int, aux: Any) -> torch.Tensor:
