@@ -8,6 +8,8 @@ the lab and ``Story.draw`` import this package when a picture is asked for.
   and the variance against the number of samples) and
   :func:`learning_curve_figure` (training runs).
 - :mod:`.graph`: :func:`draw_graph`, the story's graph.
+- :mod:`.survey`: :func:`survey_figure`, a table of single-sample gradient
+  variances (cost x parameter x estimator) on a log scale, exact values marked.
 
 The numbers behind the plots come from :mod:`storch_nb.experiments`.
 """
@@ -15,6 +17,7 @@ The numbers behind the plots come from :mod:`storch_nb.experiments`.
 from .graph import draw_graph, layout
 from .plots import gradient_figure, learning_curve_figure
 from .render import COLORS, DPI, StorchFigure, figure_png
+from .survey import survey_figure
 
 __all__ = [
     "COLORS",
@@ -25,4 +28,5 @@ __all__ = [
     "gradient_figure",
     "layout",
     "learning_curve_figure",
+    "survey_figure",
 ]
