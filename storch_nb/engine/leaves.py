@@ -19,7 +19,7 @@ __all__ = ["leaves", "module_params", "differentiated", "initial_value"]
 
 
 def leaves(plan: Plan, params: dict[str, torch.Tensor], ns: Mapping[str, Any], device: torch.device,
-           dtype: torch.dtype) -> dict[str, torch.Tensor]:
+           dtype: torch.dtype, steady: dict | None = None) -> dict[str, torch.Tensor]:
     """The parameter tensors a run differentiates: name -> tensor as used.
 
     The story's own parameters (kept in ``params``, created on first use) live
@@ -29,8 +29,12 @@ def leaves(plan: Plan, params: dict[str, torch.Tensor], ns: Mapping[str, Any], d
     gradients are the copy's (``train`` puts them on the tensor's own device and
     dtype) and ``backward()`` through a surrogate reaches the user's tensor,
     which is never moved. ``nn.Module``s are not moved either (that would change
-    the user's module): one that is not on the run's device is refused."""
-    _check_modules(plan, device)
+    the user's module): one that is not on the run's device is refused (checked
+    once per plan and device while ``steady``, a training loop's cache, is given)."""
+    if steady is None or steady.setdefault(("devices", id(plan), device), False) is False:
+        _check_modules(plan, device)
+        if steady is not None:
+            steady[("devices", id(plan), device)] = True
     out = {}
     for var, ref in plan.params.items():
         if ref.source == "story":
@@ -75,10 +79,14 @@ def module_params(plan: Plan) -> list[tuple[str, nn.Parameter]]:
     return out
 
 
-def differentiated(plan: Plan, used: dict[str, torch.Tensor]):
+def differentiated(plan: Plan, used: dict[str, torch.Tensor], steady: dict | None = None):
     """What a pass's gradient is taken with respect to: the names and tensors of its
-    leaves as used, then of the modules' parameters; and those parameters by name."""
-    mod = module_params(plan)
+    leaves as used, then of the modules' parameters; and those parameters by name
+    (listed once per plan while ``steady``, a training loop's cache, is given: a
+    module does not gain parameters between two steps)."""
+    mod = module_params(plan) if steady is None else steady.get(("modules", id(plan)))
+    if mod is None:
+        mod = steady[("modules", id(plan))] = module_params(plan)
     return list(used) + [n for n, _ in mod], list(used.values()) + [p for _, p in mod], mod
 
 

@@ -50,6 +50,8 @@ class Runner:
         self.state: dict = {}  # estimator state: baselines, control variates
         self.params: dict[str, torch.Tensor] = {}  # the story's own param(...) leaves
         self.last_plan: Plan | None = None
+        #: a training loop's cache (module checks and parameter lists per plan), None outside one
+        self.steady: dict | None = None
 
     def reset(self) -> None:
         """Estimator state cleared, the story's own parameters back to their ``param(...)``."""
@@ -82,7 +84,7 @@ class Runner:
         return self.plan({}, EstimatorSpec(), False, False, torch.device("cpu"), torch.float32, tolerant=True).graph
 
     def leaves(self, plan: Plan, ns: Mapping[str, Any], device, dtype) -> dict[str, torch.Tensor]:
-        return make_leaves(plan, self.params, ns, device, dtype)
+        return make_leaves(plan, self.params, ns, device, dtype, self.steady)
 
     # ------------------------------------------------------------ one pass
     def run_pass(self, plan: Plan, leaves: dict[str, torch.Tensor], samples: int, runs: int, device, dtype,
@@ -138,7 +140,7 @@ class Runner:
     def _gradients(self, plan: Plan, ex, total: torch.Tensor, used: dict) -> tuple[dict, list]:
         """The gradient of the pass (per run or per sample where ``total`` has entries), after
         one fit of the learned control variates; and the modules' parameters."""
-        names, inputs, mod_params = differentiated(plan, used)
+        names, inputs, mod_params = differentiated(plan, used, self.steady)
         trainable = learners(ex)
         if inputs and total.requires_grad:
             gs = torch.autograd.grad(total if total.dim() == 0 else total.sum(), inputs, allow_unused=True,

@@ -246,53 +246,72 @@ class _Settings:
 
 
 def _train_steps(runner, steps, run: _Settings, optimizer, lr, samples, seed, ns, callback, hist, saved) -> None:
+    runner.steady = {}  # the modules and their parameters do not change between steps
+    try:
+        with Seeded(settings.seed(seed), run.device):
+            _loop(runner, steps, run, optimizer, lr, samples, ns, callback, hist, saved)
+    finally:
+        runner.steady = None
+
+
+def _loop(runner, steps, run: _Settings, optimizer, lr, samples, ns, callback, hist, saved) -> None:
     opt: torch.optim.Optimizer | None = None
     params: dict[str, torch.Tensor] = {}
-    with Seeded(settings.seed(seed), run.device):
-        for step in range(1, steps + 1):
-            try:
-                res = runner.estimate(samples, run.spec, None, run.device, 1, ns, run.dtype)
-            except StoryError as exc:
-                if not getattr(exc, "nonfinite", False):
-                    exc.message = f"at training step {step}: {exc.message}"
-                    exc.step = step  # type: ignore[attr-defined]
-                    raise
-                res = None
-            if opt is None:
-                params = trainable(runner, ns)
-                if not params:
-                    raise StoryError(
-                        "there is nothing to train: the story has no parameters",
-                        hint="declare one with `x = param(VALUE)`, or use a namespace tensor with requires_grad=True",
-                    )
-                saved.update({n: (p, p.detach().clone(), p.grad) for n, p in params.items()})
-                opt, hist.optimizer = _make_optimizer(optimizer, list(params.values()), float(lr))
-                hist.lr = float(opt.param_groups[0].get("lr", lr))
-                hist.trace = {n: [] for n, p in params.items() if p.numel() == 1}
-            value = math.nan if res is None else res.cost
-            for n in hist.trace:
-                hist.trace[n].append(float(params[n].detach()))
-            hist.cost.append(value)
-            if not math.isfinite(value):
-                hist.stopped = f"the cost estimate became {value} at step {step}"
-                hist.grad_norm.append(math.nan)
-                warnings.warn(f"training stopped: {hist.stopped} (try a smaller lr)", stacklevel=2)
-                break
-            # Story.run gives the estimator's gradient (and trains control variates such as RELAX's),
-            # on the run's device in its dtype: a namespace tensor elsewhere gets it on its own device
-            norms = []
-            for n, p in params.items():
-                g = res.grads.get(n)
-                p.grad = None if g is None else g.detach().to(device=p.device, dtype=p.dtype)
-                if g is not None:
-                    norms.append(torch.linalg.vector_norm(g.detach(), dtype=torch.float64).to("cpu"))
-            # one read of the device for the step's gradient norm
-            hist.grad_norm.append(float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0)
-            opt.step()
-            hist.steps = step
-            if callback is not None and callback(step, hist) is True:
-                hist.stopped = f"the callback stopped training after step {step}"
-                break
+    for step in range(1, steps + 1):
+        try:
+            res = runner.estimate(samples, run.spec, None, run.device, 1, ns, run.dtype)
+        except StoryError as exc:
+            if not getattr(exc, "nonfinite", False):
+                exc.message = f"at training step {step}: {exc.message}"
+                exc.step = step  # type: ignore[attr-defined]
+                raise
+            res = None
+        if opt is None:
+            params = trainable(runner, ns)
+            if not params:
+                raise StoryError(
+                    "there is nothing to train: the story has no parameters",
+                    hint="declare one with `x = param(VALUE)`, or use a namespace tensor with requires_grad=True",
+                )
+            saved.update({n: (p, p.detach().clone(), p.grad) for n, p in params.items()})
+            opt, hist.optimizer = _make_optimizer(optimizer, list(params.values()), float(lr))
+            hist.lr = float(opt.param_groups[0].get("lr", lr))
+            hist.trace = {n: [] for n, p in params.items() if p.numel() == 1}
+        value = math.nan if res is None else res.cost
+        for n in hist.trace:
+            hist.trace[n].append(float(params[n].detach()))
+        hist.cost.append(value)
+        if not math.isfinite(value):
+            hist.stopped = f"the cost estimate became {value} at step {step}"
+            hist.grad_norm.append(math.nan)
+            warnings.warn(f"training stopped: {hist.stopped} (try a smaller lr)", stacklevel=3)
+            break
+        # Story.run gives the estimator's gradient (and trains control variates such as RELAX's),
+        # on the run's device in its dtype: a namespace tensor elsewhere gets it on its own device
+        grads = []
+        for n, p in params.items():
+            g = res.grads.get(n)
+            p.grad = None if g is None else g.detach().to(device=p.device, dtype=p.dtype)
+            if g is not None:
+                grads.append(g.detach())
+        hist.grad_norm.append(_norm(grads))
+        opt.step()
+        hist.steps = step
+        if callback is not None and callback(step, hist) is True:
+            hist.stopped = f"the callback stopped training after step {step}"
+            break
+
+
+def _norm(grads: list[torch.Tensor]) -> float:
+    """The gradient's total norm, in float64, with one read of the device (one kernel per
+    device and dtype: ``torch._foreach_norm``)."""
+    if not grads:
+        return 0.0
+    if len({(g.device, g.dtype) for g in grads}) == 1:
+        parts = torch._foreach_norm(grads)
+    else:
+        parts = [torch.linalg.vector_norm(g) for g in grads]
+    return float(torch.linalg.vector_norm(torch.stack([p.to("cpu", torch.float64) for p in parts])))
 
 
 def _snapshot(params: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
