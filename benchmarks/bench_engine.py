@@ -36,6 +36,15 @@ created there), every timed call is bracketed by ``torch.cuda.synchronize()``
 (so a call's time includes the kernels it queued), and the table gains a row
 S = 10,000,000 per estimator (target <= 1.1x, as for S = 1,000,000).
 
+With ``--compile`` the table is another row set: ``Story.run(..., compile=True)``
+(the planned pass captured and compiled with Inductor once, then reused) at
+S = 1,000 and S = 1,000,000, against the hand-written eager call (target at
+S = 1,000,000: <= 0.85x) and against the hand-written call whose forward is
+``torch.compile``-d (its gradient by ``torch.autograd.grad`` outside, as a
+careful person would write it; Inductor's own random numbers, so its draws
+differ); the seconds each side spent compiling are printed first, and the
+compiled story is checked against the eager one (same seed, 1e-5 relative).
+
 The exit status is 0 unless ``--strict`` is given and a target is missed
 (timings on a shared machine are noisy; do not gate CI on them lightly), or
 ``--device cuda`` is asked for where CUDA is not available (status 2).
@@ -148,10 +157,36 @@ def hand_batched(
 
 
 def storch(
-    story: storch_nb.Story, samples: int, estimator: str, runs: int = 1, device: str = "cpu"
+    story: storch_nb.Story, samples: int, estimator: str, runs: int = 1, device: str = "cpu", compile: bool = False
 ) -> Callable[[], object]:
     def call():
-        return story.run(samples=samples, estimator=estimator, seed=None, runs=runs, device=device)
+        return story.run(samples=samples, estimator=estimator, seed=None, runs=runs, device=device, compile=compile)
+
+    return call
+
+
+def hand_compiled(samples: int, estimator: str, device: str = "cpu") -> Callable[[], tuple[float, tuple]]:
+    """The hand-written call with its forward (draws, cost, surrogate) ``torch.compile``-d;
+    the gradient by ``torch.autograd.grad`` of the compiled forward's output."""
+    a, b, c = params = _leaves(device=device)
+    grad = torch.autograd.grad
+    s1 = samples - 1
+
+    def forward():
+        dist = Normal(c + b, 1.0, validate_args=False)
+        if estimator == PATHWISE:
+            return ((a + b) * dist.rsample((samples,)) ** 2).mean()
+        e = dist.sample((samples,))
+        lp = dist.log_prob(e)
+        f = (a + b) * e**2
+        fd = f.detach()
+        return (f + (lp - lp.detach()) * (fd - (fd.sum() - fd) / s1)).mean()
+
+    compiled = torch.compile(forward)
+
+    def call():
+        loss = compiled()
+        return loss.item(), grad(loss, params)
 
     return call
 
@@ -273,12 +308,78 @@ def profile(samples: int = 1000, calls: int = 3000, top: int = 25, device: str =
             print(f"| {tt / calls * 1e6:.2f} | {ct / calls * 1e6:.2f} | {nc / calls:g} | `{where}` |")
 
 
+# ------------------------------------------------------------------- rows
+def eager_rows(story: storch_nb.Story, device: str, quick: bool, sync) -> list[tuple]:
+    """The eager row set: (case, estimator, reference label, reference timing, storch timing, target)."""
+    # (rounds, calls per round, warm-up calls) per size
+    small = (3, 30, 20) if quick else (15, 200, 200)
+    large = (3, 1, 1) if quick else (15, 5, 3)
+    batched = (3, 5, 3) if quick else (9, 20, 10)
+
+    sizes = [(1000, small), (10**6, large)]
+    if device == "cuda":
+        sizes.append((10**7, large))
+    rows = []  # case, estimator, reference label, ref time, storch time, target
+    for est, short in ESTIMATORS.items():
+        for n, (rounds, calls, warm) in sizes:
+            t = race({"storch": storch(story, n, est, device=device), "hand": hand(n, est, device)},
+                     rounds, calls, warm, sync)  # fmt: skip
+            target = 1.5 if n == 1000 else 1.1
+            rows.append((f"S={n:,}", short, "hand-written", t["hand"], t["storch"], target))
+    for est, short in ESTIMATORS.items():
+        rounds, calls, warm = batched
+        t = race(
+            {
+                "runs": storch(story, 100, est, runs=1000, device=device),
+                "flat": storch(story, 100_000, est, device=device),
+                "hand": hand_batched(1000, 100, est, device),
+            },
+            rounds,
+            calls,
+            warm,
+            sync,
+        )
+        rows.append(("runs=1000 × S=100", short, "storch runs=1, S=100,000", t["flat"], t["runs"], 1.5))
+        rows.append(("runs=1000 × S=100", short, "hand-written (R,S) batch", t["hand"], t["runs"], None))
+
+    return rows
+
+
+def compile_rows(story: storch_nb.Story, device: str, quick: bool, sync) -> list[tuple]:
+    """The ``--compile`` row set: ``Story.run(compile=True)`` against hand-written eager and compiled torch."""
+    small = (3, 30, 20) if quick else (15, 200, 200)
+    large = (3, 1, 1) if quick else (15, 5, 3)
+    sizes = [(1000, small), (10**6, large)]
+    rows = []
+    for est, short in ESTIMATORS.items():
+        for n, (rounds, calls, warm) in sizes:
+            compiled = storch_nb.Story(SEED_STORY)
+            first = compiled.run(samples=n, estimator=est, seed=0, device=device, compile=True)
+            eager = story.run(samples=n, estimator=est, seed=0, device=device)
+            worst = max(abs(first.cost - eager.cost) / abs(eager.cost), *(
+                float((first.grads[k] - eager.grads[k]).abs().max() / eager.grads[k].abs().max()) for k in "abc"))
+            hand_c = hand_compiled(n, est, device)
+            t0 = time.perf_counter()
+            hand_c()
+            hand_s = time.perf_counter() - t0
+            print(f"- {short} S={n:,}: storch compiled in {first.compile_seconds:.2f} s, hand-written forward in "
+                  f"{hand_s:.2f} s; compiled vs eager (seed 0): {worst:.1e} relative "
+                  f"({'PASS' if worst <= 1e-5 else 'FAIL'} at 1e-5)")
+            t = race({"storch": storch(compiled, n, est, device=device, compile=True), "hand": hand(n, est, device),
+                      "hand_c": hand_c}, rounds, calls, warm, sync)
+            rows.append((f"S={n:,} compiled", short, "hand-written eager", t["hand"], t["storch"],
+                         0.85 if n == 10**6 else None))
+            rows.append((f"S={n:,} compiled", short, "hand-written, torch.compile", t["hand_c"], t["storch"], None))
+    return rows
+
+
 # -------------------------------------------------------------------- main
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="few rounds: a smoke run, not a measurement")
     ap.add_argument("--strict", action="store_true", help="exit 1 when a target is missed")
     ap.add_argument("--profile", action="store_true", help="only profile Story.run at S=1000 (cProfile)")
+    ap.add_argument("--compile", action="store_true", help="the compiled row set: Story.run(compile=True)")
     ap.add_argument(
         "--device",
         choices=("cpu", "cuda"),
@@ -316,37 +417,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.quick:
         sanity(story, device)
 
-    # (rounds, calls per round, warm-up calls) per size
-    small = (3, 30, 20) if args.quick else (15, 200, 200)
-    large = (3, 1, 1) if args.quick else (15, 5, 3)
-    batched = (3, 5, 3) if args.quick else (9, 20, 10)
-
-    sizes = [(1000, small), (10**6, large)]
-    if device == "cuda":
-        sizes.append((10**7, large))
-    rows = []  # case, estimator, reference label, ref time, storch time, target
-    for est, short in ESTIMATORS.items():
-        for n, (rounds, calls, warm) in sizes:
-            t = race({"storch": storch(story, n, est, device=device), "hand": hand(n, est, device)},
-                     rounds, calls, warm, sync)  # fmt: skip
-            target = 1.5 if n == 1000 else 1.1
-            rows.append((f"S={n:,}", short, "hand-written", t["hand"], t["storch"], target))
-    for est, short in ESTIMATORS.items():
-        rounds, calls, warm = batched
-        t = race(
-            {
-                "runs": storch(story, 100, est, runs=1000, device=device),
-                "flat": storch(story, 100_000, est, device=device),
-                "hand": hand_batched(1000, 100, est, device),
-            },
-            rounds,
-            calls,
-            warm,
-            sync,
-        )
-        rows.append(("runs=1000 × S=100", short, "storch runs=1, S=100,000", t["flat"], t["runs"], 1.5))
-        rows.append(("runs=1000 × S=100", short, "hand-written (R,S) batch", t["hand"], t["runs"], None))
-
+    rows = compile_rows(story, device, args.quick, sync) if args.compile else eager_rows(story, device, args.quick, sync)
     print()
     print(
         "| case | estimator | reference | reference time | storch_nb | ratio | per-round ratios q1-q3 | target | result |"

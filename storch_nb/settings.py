@@ -26,6 +26,7 @@ __all__ = [
     "as_dtype",
     "dtype_name",
     "estimator_spec",
+    "flag",
     "namespace",
     "positive_int",
     "seed",
@@ -97,6 +98,13 @@ def positive_int(name: str, value: Any) -> int:
     if value > MAX_DRAWS:
         raise StoryError(f"{name}={value:,} is more than can ever be run (at most 2**53)",
                          hint=f"use a smaller {name}; runs=R with fewer samples each shows the spread")
+    return value
+
+
+def flag(name: str, value: Any) -> bool:
+    """``value`` if it is a bool; else a StoryError naming ``name``."""
+    if not isinstance(value, bool):
+        raise StoryError(f"{name} must be True or False, not {value!r}", hint=f"give e.g. {name}=True")
     return value
 
 

@@ -761,3 +761,19 @@ def test_widget_story_error_is_raised(inline):
     with pytest.raises(nbmagic.StoryError) as info:
         storch(inline, "--widget -r 10 --seed 0", "c = param(0.5)\ne ~ Normal(c + nowhere, 1)\ncost e**2\n")
     assert "line 3" in str(info.value) and "nowhere" in str(info.value)
+
+
+def test_compile_option(ip):
+    """--compile: the same estimate as without for the same seed, a note of the compiling
+    time (then of reuse), and a UsageError with the modes it does not serve."""
+    cell = "a = param(1.0)\ne ~ Normal(a, 1)\ncost e**2\n"
+    storch(ip, "--seed 0 -n 200 --out r1", cell)
+    _, cap = storch(ip, "--seed 0 -n 200 --compile --out r2", cell)
+    assert ip.user_ns["r2"].compile_seconds is not None and "spent compiling" in shown(cap)[0]
+    _, cap = storch(ip, "--seed 0 -n 200 --compile --out res", cell)
+    eager, again = ip.user_ns["r1"], ip.user_ns["res"]
+    assert again.compile_seconds == 0.0 and "compiled (reused)" in shown(cap)[0]
+    assert again.cost == pytest.approx(eager.cost, rel=1e-5)
+    assert again.grads["a"].item() == pytest.approx(eager.grads["a"].item(), rel=1e-5)
+    with pytest.raises(UsageError, match="--compile"):
+        storch(ip, "--compile --compare score,pathwise", cell)

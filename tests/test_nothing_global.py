@@ -166,6 +166,8 @@ if True:
     ip.user_ns["w"].data = torch.tensor([0.3, -0.2])
     ip.user_ns["w"].grad = None
     compare(base, snapshot(), "Story.train(seed=0)")
+    sn.Story(STORY).run(samples=100, seed=0, compile=True)  # Inductor's options scoped to the compile
+    compare(base, snapshot(), "Story.run(seed=0, compile=True)")
     for line, cell in [("-n 100 --seed 0", STORY), ("-n 16 --seed 0 --exact", BERN), ("-n 8 -r 4 --seed 0", STORY),
                        ("-n 8 -r 3 --seed 0 --compare score,rloo", BERN), ("-n 8 --seed 0 --graph", STORY),
                        ("-n 8 -r 3 --seed 0 --plot", BERN)]:

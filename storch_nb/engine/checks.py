@@ -12,6 +12,7 @@ arguments that are cached Python numbers are checked once.
 from __future__ import annotations
 
 import ast
+from contextvars import ContextVar
 from typing import Any
 
 import torch
@@ -20,6 +21,11 @@ from torch.distributions import Distribution, constraints
 from ..errors import StoryError
 
 __all__ = ["check_arguments", "constrained", "describe", "random_call"]
+
+#: while a compiled pass is captured (``compiled.py``): the list where each check leaves its
+#: flag (a 0-dim bool tensor) instead of reading it, so that the compiled pass checks the same
+#: arguments on every call
+FLAGS: ContextVar[list | None] = ContextVar("storch_nb_check_flags", default=None)
 
 # constraints that only say "a number" (NaN is reported by the finiteness check of the result)
 _TRIVIAL = (constraints.real, constraints.real_vector)
@@ -87,6 +93,10 @@ def check_arguments(dist: Distribution, skip: frozenset[str] | set[str] = frozen
             ok = c.check(value)
         except (RuntimeError, TypeError, ValueError, IndexError):
             continue  # a shape torch itself complains about
+        flags = FLAGS.get()
+        if flags is not None:  # read after each compiled call, where a failed one reruns eagerly
+            flags.append(ok.all())
+            continue
         if bool(ok.all()):
             continue
         err = StoryError(

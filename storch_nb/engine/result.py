@@ -31,6 +31,9 @@ class Result:
     cost_stderr: float | None = None
     exact: bool = False
     costs: torch.Tensor | None = field(default=None, repr=False)  # per-run cost estimates
+    #: ``compile=True``: seconds this call spent capturing and compiling the pass (0.0 where a
+    #: compiled pass was reused); None where the call ran eagerly
+    compile_seconds: float | None = None
 
     def mean_grads(self) -> dict[str, torch.Tensor]:
         """The gradient estimate, averaged over runs when ``runs > 1``."""

@@ -23,7 +23,7 @@ from ..graph import Graph
 from ..settings import EstimatorSpec
 from ..story.statements import Program
 from ..story.walk import free_names
-from . import memory
+from . import compiled, memory
 from . import surrogate as _surrogate
 from .cvfit import fit_control_variates, fit_on_pass, learners
 from .diagnose import check_finite, read_checked
@@ -105,8 +105,10 @@ class Runner:
 
     # ------------------------------------------------------------ estimates
     def estimate(self, samples: int, spec: EstimatorSpec, seed: int | None, device, runs: int, ns, dtype,
-                 stderr: bool = False, max_outcomes: int = 10**6, max_memory: float | None = None) -> Result:
-        """``Story.run``: the gradient estimate of ``samples`` samples, ``runs`` times."""
+                 stderr: bool = False, max_outcomes: int = 10**6, max_memory: float | None = None,
+                 compile: bool = False) -> Result:
+        """``Story.run``: the gradient estimate of ``samples`` samples, ``runs`` times
+        (``compile``: the pass compiled, see :mod:`.compiled`)."""
         t0 = time.perf_counter()
         run_dim = runs > 1
         # learned control variates (RELAX, REBAR, LAX) fit on per-sample gradients where they can
@@ -116,6 +118,8 @@ class Runner:
             if plan.modules and (run_dim or stderr):
                 from .module_runs import estimate_per_run
 
+                if compile:
+                    compiled.note_eager(self, "a story that calls modules runs one pass per run")
                 return estimate_per_run(self, ns, spec, samples, runs, device, dtype, t0, max_outcomes)
             if plan.modules and fit_cv:  # module weights are not batched per sample
                 fit_cv = False
@@ -123,11 +127,15 @@ class Runner:
             leaves = self.leaves(plan, ns, device, dtype)
             chunk = memory.chunk_size(self, plan, leaves, samples, runs, device, dtype, max_outcomes, max_memory)
             if chunk < samples:
+                if compile:
+                    compiled.note_eager(self, "a run split into chunks of samples (memory) is not compiled")
                 return self._chunked(chunk, samples, spec, device, runs, ns, dtype, stderr, max_outcomes, t0)
             per_sample = (stderr or fit_cv) and not run_dim
             try:
-                total, used, ex = self.run_pass(plan, leaves, samples, runs, device, dtype, max_outcomes,
-                                                per_sample, True)
+                got = compiled.run_pass(self, plan, leaves, samples, runs, device, dtype, max_outcomes,
+                                        per_sample) if compile else None
+                total, used, ex = (got.total, got.used, got.ex) if got is not None else \
+                    self.run_pass(plan, leaves, samples, runs, device, dtype, max_outcomes, per_sample, True)
             except torch.cuda.OutOfMemoryError:
                 if samples < 2:
                     raise
@@ -135,7 +143,10 @@ class Runner:
                 memory.refuse_unless_chunkable(self, plan, leaves, samples, runs, device, dtype, max_outcomes)
                 return self._chunked(max(1, samples // 4), samples, spec, device, runs, ns, dtype, stderr,
                                      max_outcomes, t0)
-            return self._result(plan, ex, total, used, leaves, samples, runs, device, dtype, per_sample, stderr, t0)
+            res = self._result(plan, ex, total, used, leaves, samples, runs, device, dtype, per_sample, stderr, t0)
+            if got is not None:
+                res.compile_seconds = got.seconds
+            return res
 
     def _gradients(self, plan: Plan, ex, total: torch.Tensor, used: dict) -> tuple[dict, list]:
         """The gradient of the pass (per run or per sample where ``total`` has entries), after
@@ -195,12 +206,15 @@ class Runner:
             done += n
         return memory.merge_chunks(parts, samples, runs, stderr, dtype, time.perf_counter() - t0)
 
-    def surrogate(self, samples: int, spec: EstimatorSpec, seed, ns, device, dtype) -> torch.Tensor:
+    def surrogate(self, samples: int, spec: EstimatorSpec, seed, ns, device, dtype, compile: bool = False) -> torch.Tensor:
         """``Story.surrogate``: a scalar whose gradient is the estimator's; learned control
         variates are fitted on its draws (the surrogate keeps the coefficients it was made with)."""
         with Seeded(seed, device):
             plan = self.plan(ns, spec, False, False, device, dtype)
             leaves = self.leaves(plan, ns, device, dtype)
+            got = compiled.run_pass(self, plan, leaves, samples, 1, device, dtype) if compile else None
+            if got is not None:
+                return got.total
             total, used, ex = self.run_pass(plan, leaves, samples, 1, device, dtype)
             fit_on_pass(self.state, ex, differentiated(plan, used)[1], total)
         return total

@@ -68,6 +68,8 @@ class History:
         number of steps actually taken).
     seconds : wall time of the whole run.
     stopped : why training ended early (non-finite cost, callback), or None.
+    compile_seconds : ``compile=True``: seconds spent capturing and compiling the
+        steps' pass (the first step's, and any later recompilation); None without.
     """
 
     cost: list[float] = field(default_factory=list)
@@ -81,6 +83,7 @@ class History:
     steps: int = 0
     seconds: float = 0.0
     stopped: str | None = None
+    compile_seconds: float | None = None
 
     def final_cost(self, window: int | None = None) -> float:
         """The mean cost estimate over the last ``window`` steps (default: the
@@ -182,6 +185,7 @@ def train(
     device: str | torch.device | None = "cpu",
     dtype: torch.dtype | str | None = None,
     callback: Callable[[int, History], Any] | None = None,
+    compile: bool = False,
 ) -> History:
     """Optimise ``story``'s parameters by gradient descent on the estimated gradient.
 
@@ -205,6 +209,10 @@ def train(
     device, dtype : as for ``Story.run``.
     callback : ``callback(step, history)`` after each step (``step`` counts
         from 1); returning True stops training.
+    compile : compile each step's pass (sampling, costs, surrogate and gradient)
+        with torch's Inductor, captured once (``Story.run(compile=True)``): the same
+        numbers as eager for the same seed; ``History.compile_seconds`` says how
+        long compiling took.
 
     Returns a :class:`History`. A non-finite cost stops training with a
     warning (``history.stopped`` says where).
@@ -216,7 +224,8 @@ def train(
     if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
         raise StoryError(f"samples must be a positive int, not {samples!r}")
     ns = settings.namespace(namespace)
-    run = _Settings(settings.estimator_spec(estimator), settings.as_device(device), settings.as_dtype(dtype))
+    run = _Settings(settings.estimator_spec(estimator), settings.as_device(device), settings.as_dtype(dtype),
+                    settings.flag("compile", compile))
     opt_name = optimizer if isinstance(optimizer, str) else getattr(optimizer, "__name__", type(optimizer).__name__)
     hist = History(estimator=_estimator_text(estimator), optimizer=str(opt_name).lower(), lr=float(lr), samples=samples)
     t0 = time.perf_counter()
@@ -243,6 +252,7 @@ class _Settings:
     spec: Any
     device: torch.device
     dtype: torch.dtype
+    compile: bool = False
 
 
 def _train_steps(runner, steps, run: _Settings, optimizer, lr, samples, seed, ns, callback, hist, saved) -> None:
@@ -259,7 +269,7 @@ def _loop(runner, steps, run: _Settings, optimizer, lr, samples, ns, callback, h
     params: dict[str, torch.Tensor] = {}
     for step in range(1, steps + 1):
         try:
-            res = runner.estimate(samples, run.spec, None, run.device, 1, ns, run.dtype)
+            res = runner.estimate(samples, run.spec, None, run.device, 1, ns, run.dtype, compile=run.compile)
         except StoryError as exc:
             if not getattr(exc, "nonfinite", False):
                 exc.message = f"at training step {step}: {exc.message}"
@@ -277,6 +287,8 @@ def _loop(runner, steps, run: _Settings, optimizer, lr, samples, ns, callback, h
             opt, hist.optimizer = _make_optimizer(optimizer, list(params.values()), float(lr))
             hist.lr = float(opt.param_groups[0].get("lr", lr))
             hist.trace = {n: [] for n, p in params.items() if p.numel() == 1}
+        if res is not None and res.compile_seconds is not None:
+            hist.compile_seconds = (hist.compile_seconds or 0.0) + res.compile_seconds
         value = math.nan if res is None else res.cost
         for n in hist.trace:
             hist.trace[n].append(float(params[n].detach()))

@@ -69,6 +69,8 @@ def _check_cell(args: argparse.Namespace, cell: str) -> None:
         raise UsageError("%%storch: --widget and --train do not go together; use one of them")
     if args.train is None and (args.lr is not None or args.optimizer is not None):
         raise UsageError("%%storch: --lr and --optimizer are options of --train STEPS")
+    if args.compile and (args.widget or args.plot or args.compare is not None):
+        raise UsageError("%%storch: --compile works for a single estimate and --train (without --compare)")
 
 
 def _matches(label: str, name: str) -> bool:
@@ -271,6 +273,9 @@ class StorchMagics(Magics):
             except StoryError as err:
                 notes.append(f"exact: not available ({err.message})")
         _check_grad(args, params)
+        if args.compile and outcome.compile_seconds is not None:
+            notes.append(f"compiled: {outcome.compile_seconds:.2f} s spent compiling" if outcome.compile_seconds
+                         else "compiled (reused)")
         self._keep(args, outcome)
         if args.compare is not None:
             self._show(args, story, ComparisonView(outcome, grads=args.grad, reference=exact, notes=notes))
@@ -282,7 +287,8 @@ class StorchMagics(Magics):
         if args.compare is not None:
             outcome = story.compare(args.compare, samples=run.samples, runs=self._many_runs(args), **run.common())
             return outcome, [r.get("param") for r in outcome.table]
-        outcome = story.run(samples=run.samples, estimator=run.estimator, runs=run.runs, stderr=True, **run.common())
+        outcome = story.run(samples=run.samples, estimator=run.estimator, runs=run.runs, stderr=True,
+                            compile=args.compile, **run.common())
         return outcome, list(outcome.grads)
 
     # -- the picture modes ------------------------------------------------------
@@ -343,7 +349,7 @@ class StorchMagics(Magics):
             outcome: Any = _located(story.train_compare, args.compare, **common)
             histories = outcome
         else:
-            outcome = _located(story.train, estimator=run.estimator, **common)
+            outcome = _located(story.train, estimator=run.estimator, compile=args.compile, **common)
             histories = {estimator_label(run.estimator): outcome}
         self._keep(args, outcome)
         self._show(args, story, learning_curve_figure(histories), TrainingView(histories))

@@ -289,6 +289,11 @@ OPTIONS: tuple[Option, ...] = (
            "D", _choice("device", settings.DEVICES), "cpu", "``cpu``", "device: cpu, cuda or auto"),
     Option(("--dtype",), ESTIMATE, f"{_or(tuple(f'``{d}``' for d in DTYPES))} {{default}}.",
            "T", _dtype, "float32", "``float32``", "dtype: float32 or float64"),
+    Option(("--compile",), ESTIMATE,
+           "Compile the planned story (sampling, costs, surrogate and gradient) with torch's Inductor, once per "
+           "setting, and reuse it: the same numbers as without for the same seed; the table notes the seconds "
+           "spent compiling (``compile_seconds`` of the result or history). Works for a single estimate and ``--train``; where no compiler is available it "
+           "warns once and runs eagerly."),
     Option(("--grad",), SHOW, "Show only these parameters (comma-separated: ``--grad b,c``).", "NAMES", _names),
     Option(("--out",), SHOW,
            "Store the ``Result`` (with ``--compare``: the comparison; ``--widget``: the ``Lab``; ``--train``: "
